@@ -10,34 +10,26 @@ import argparse
 import importlib
 import sys
 
-# (subcommand, module that provides add_parser)
-_COMMANDS = (
-    ("quickstart", "kdjax.quickstart"),
-    ("precompute", "kdjax.teacher.cli"),
-    ("inspect", "kdjax.teacher.cli"),
-    ("train", "kdjax.train.cli"),
-    ("eval", "kdjax.train.cli"),
-    ("export", "kdjax.train.cli"),
-    ("pack", "kdjax.data.cli"),
-    ("bench", "kdjax.bench"),
+# modules that provide add_parser, in the order `kdjax --help` lists their commands:
+# quickstart; pack; precompute, inspect; train, eval, export; bench
+_MODULES = (
+    "kdjax.quickstart",
+    "kdjax.data.cli",
+    "kdjax.teacher.cli",
+    "kdjax.train.cli",
+    "kdjax.bench",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kdjax",
+        description="Knowledge distillation for large language models in JAX.",
+        epilog="Start with `kdjax quickstart`; every command takes --help.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    seen = set()
-    for name, module in _COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # not built yet
-        if module in seen:
-            continue
-        seen.add(module)
-        mod.add_parser(sub)
+    for module in _MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

@@ -56,13 +56,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 def logical_to_spec(logical_axes: Sequence[str | None],
                     rules: dict[str, str | tuple[str, ...] | None] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+                    mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec. Mesh axes of size 1 are dropped and
-    a mesh axis is used at most once (later uses become replicated)."""
+    a mesh axis is used at most once (later uses become replicated). With `shape` (and a
+    mesh), a mesh axis that does not divide its array dimension is dropped too, e.g. 2
+    kv heads on a 4-way tensor axis stay replicated rather than failing."""
     rules = LOGICAL_RULES if rules is None else rules
     used: set[str] = set()
     spec = []
-    for name in logical_axes:
+    for dim, name in enumerate(logical_axes):
         if name is None:
             spec.append(None)
             continue
@@ -72,15 +75,76 @@ def logical_to_spec(logical_axes: Sequence[str | None],
         axes = () if target is None else (target,) if isinstance(target, str) else target
         keep = tuple(a for a in axes if a not in used
                      and (mesh is None or mesh.shape.get(a, 1) > 1))
+        if shape is not None and mesh is not None:
+            size, divisible = shape[dim], []
+            for a in keep:  # greedily keep the mesh axes whose product divides the dim
+                if size % (mesh.shape[a] * int(np.prod([mesh.shape[b] for b in divisible]))
+                           ) == 0:
+                    divisible.append(a)
+            keep = tuple(divisible)
         used.update(keep)
         spec.append(None if not keep else keep[0] if len(keep) == 1 else keep)
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh=mesh))
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh=mesh, shape=shape))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
     """Number of ways the batch axis is split (data × fsdp)."""
     return int(mesh.shape[DATA] * mesh.shape[FSDP])
+
+
+def current_mesh():
+    """The mesh set by `jax.set_mesh`/`jax.sharding.use_mesh` (abstract inside jit), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` of an activation by logical names, under the current mesh.
+
+    Without a mesh in context (plain CPU runs, tests) this is the identity, so models
+    run unchanged on one device.
+    """
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} "
+                         f"for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh=mesh))
+
+
+def variable_logical_axes(variable) -> tuple[str | None, ...] | None:
+    """The logical axis names stored on an nnx Variable (`out_sharding` metadata)."""
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = meta.get("out_sharding") or meta.get("sharding_names")
+    return None if names is None else tuple(names)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for an nnx State (or any pytree of nnx Variables) from each
+    variable's logical axes; variables without names are replicated."""
+    from flax import nnx
+
+    def one(variable):
+        axes = variable_logical_axes(variable)
+        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+        if axes is None:
+            axes = (None,) * len(value.shape)
+        return variable.replace(named_sharding(mesh, axes, value.shape))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, mesh: Mesh):
+    """Moves an nnx model's parameters onto `mesh` following their logical axes (in place)."""
+    from flax import nnx
+
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model

@@ -14,6 +14,9 @@ TOL = {
 
 
 def tol(dtype) -> dict:
+    """Tolerances for an input dtype (or a named kind such as "grad")."""
+    if isinstance(dtype, str) and dtype in TOL:
+        return TOL[dtype]
     return TOL[jnp.dtype(dtype).name]
 
 

@@ -14,22 +14,68 @@ from kdjax.losses.divergences import (
     soft_cross_entropy,
     tvd,
 )
+from kdjax.losses.fused import (
+    SampledTeacher,
+    SparseTeacher,
+    TeacherHead,
+    fused_distill,
+    fused_sequence_logprobs,
+    vocab_parallel_distill,
+)
+from kdjax.losses.hidden import attention_kl, hidden_cosine, hidden_mse
+from kdjax.losses.ranking import (
+    dpo,
+    ipo,
+    listwise_kl,
+    margin_mse,
+    pro,
+    rrhf,
+    sequence_logprobs,
+    simpo,
+)
 from kdjax.losses.reduce import Weighted, masked_mean, masked_sum_count
+from kdjax.losses.sparse import (
+    sampled_forward_kl,
+    sampled_forward_kl_gathered,
+    sparse_forward_kl,
+    sparse_forward_kl_gathered,
+)
 
 __all__ = [
+    "SampledTeacher",
+    "SparseTeacher",
+    "TeacherHead",
+    "fused_distill",
+    "fused_sequence_logprobs",
+    "vocab_parallel_distill",
     "DIVERGENCES",
     "Weighted",
     "adaptive_kl",
     "alpha_beta_divergence",
+    "attention_kl",
     "cross_entropy",
     "divergence",
+    "dpo",
     "forward_kl",
+    "hidden_cosine",
+    "hidden_mse",
+    "ipo",
     "jsd",
+    "listwise_kl",
+    "margin_mse",
     "masked_mean",
     "masked_sum_count",
+    "pro",
     "reverse_kl",
+    "rrhf",
+    "sampled_forward_kl",
+    "sampled_forward_kl_gathered",
+    "sequence_logprobs",
+    "simpo",
     "skew_forward_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "sparse_forward_kl",
+    "sparse_forward_kl_gathered",
     "tvd",
 ]

@@ -8,7 +8,8 @@ here (see `kdjax.losses.reduce` and the objective).
 Padded vocabulary: entries that are -inf in both logits contribute exactly 0 with
 zero gradient. Each row must keep one finite entry, and the teacher must put no mass
 where the student logit is -inf (the reverse-direction divergences need the mirror
-condition), or the divergence is genuinely infinite.
+condition), or the divergence is genuinely infinite. A NaN input propagates (it is
+never masked away as if it were padding).
 
 Most divergences are a sum over the vocabulary of a pointwise term of (log p, log q);
 those terms are registered in `POINTWISE` so that the fused and vocab-parallel kernels
@@ -18,6 +19,7 @@ whole vocabulary and is registered in `FROM_LOGPROBS` only.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -50,7 +52,11 @@ def _jsd_terms(logp, logq, *, beta=0.5):
     if b == 1.0:
         return kl_terms(logq, logp)
     logm = mixture_log(logp, logq, beta)
-    return beta * kl_terms(logp, logm) + (1.0 - beta) * kl_terms(logq, logm)
+    mixed = beta * kl_terms(logp, logm) + (1.0 - beta) * kl_terms(logq, logm)
+    if b is None:  # traced β (a schedule): the same ends as a static β, selected at run time
+        return jnp.where(beta == 0.0, kl_terms(logp, logq),
+                         jnp.where(beta == 1.0, kl_terms(logq, logp), mixed))
+    return mixed
 
 
 def _tvd_terms(logp, logq):
@@ -85,19 +91,21 @@ def _alpha_beta_terms(logp, logq, *, alpha, beta):
     a = _checks.concrete_float(alpha, "alpha")
     b = _checks.concrete_float(beta, "beta")
     if a is None or b is None:
-        raise TypeError("alpha_beta_divergence needs concrete (non-traced) alpha and beta")
+        raise TypeError("alpha_beta_divergence needs concrete (non-traced) alpha and beta, got "
+                        f"alpha={alpha!r}, beta={beta!r}; pass Python floats")
     # p^x = exp(x log p); the limit branches follow Cichocki et al. (2011), eq. (4),
     # which ABKD (Wang et al., ICML 2025) uses.
     if a != 0.0 and b != 0.0 and a + b != 0.0:
         s = a + b
         cross = safe_exp(a * logp + b * logq)
         return -(cross - a / s * safe_exp(s * logp) - b / s * safe_exp(s * logq)) / (a * b)
+    # kl_terms gives p^α (log p^α − log q^α) with 0·log 0 = 0 where p = 0 (α > 0).
     if a != 0.0 and b == 0.0:
         pa, qa = safe_exp(a * logp), safe_exp(a * logq)
-        return (pa * (a * logp - a * logq) - pa + qa) / (a * a)
+        return (kl_terms(a * logp, a * logq) - pa + qa) / (a * a)
     if a == 0.0 and b != 0.0:
         pb, qb = safe_exp(b * logp), safe_exp(b * logq)
-        return (qb * (b * logq - b * logp) - qb + pb) / (b * b)
+        return (kl_terms(b * logq, b * logp) - qb + pb) / (b * b)
     if a != 0.0:  # a = -b != 0
         log_ratio = a * (logq - logp)
         return (log_ratio + jnp.exp(-log_ratio) - 1.0) / (a * a)
@@ -124,19 +132,20 @@ def pointwise_terms(name: str, logp: Array, logq: Array, **kwargs) -> Array:
         raise ValueError(
             f"divergence {name!r} has no pointwise form; choose one of {sorted(POINTWISE)}"
         ) from None
-    pad = ~jnp.isfinite(logp) & ~jnp.isfinite(logq)
+    pad = (logp == -jnp.inf) & (logq == -jnp.inf)
     terms = fn(jnp.where(pad, 0.0, logp), jnp.where(pad, 0.0, logq), **kwargs)
     return jnp.where(pad, 0.0, terms)
 
 
 def _adaptive_kl_from_logprobs(logp, logq, *, mu=0.5):
-    m = _checks.check_unit_interval(mu, "mu")
-    del m
+    _checks.check_unit_interval(mu, "mu")
     p, q = safe_exp(logp), safe_exp(logq)
     order = jnp.argsort(-p, axis=-1, stable=True)
     p_sorted = jnp.take_along_axis(p, order, axis=-1)
     gap = jnp.abs(p_sorted - jnp.take_along_axis(q, order, axis=-1))
-    mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+    # Exclusive cumsum (not cumsum − p, which rounds): the teacher mass before each token.
+    cum = jnp.cumsum(p_sorted, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
     in_head = mass_before < mu  # smallest prefix whose mass reaches mu
     g_head = jax.lax.stop_gradient(jnp.sum(jnp.where(in_head, gap, 0.0), axis=-1))
     g_tail = jax.lax.stop_gradient(jnp.sum(jnp.where(in_head, 0.0, gap), axis=-1))
@@ -148,8 +157,21 @@ def _adaptive_kl_from_logprobs(logp, logq, *, mu=0.5):
     return w_head * fkl + (1.0 - w_head) * rkl
 
 
+def _check_kwargs(name: str, fn: Terms, kwargs: dict) -> None:
+    """A misspelt or foreign hyper-parameter is an error that lists the valid ones."""
+    params = inspect.signature(fn).parameters
+    allowed = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"divergence {name!r} got unexpected argument(s) {unknown}; it takes "
+                        f"{allowed or 'no hyper-parameters'}")
+
+
 def from_logprobs(name: str, logp: Array, logq: Array, **kwargs) -> Array:
     """Per-token divergence `name` from f32 log-probs `[..., V]` → `[...]`."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {list(DIVERGENCES)}")
+    _check_kwargs(name, POINTWISE.get(name, _adaptive_kl_from_logprobs), kwargs)
     if name == "adaptive_kl":
         return _adaptive_kl_from_logprobs(logp, logq, **kwargs)
     return jnp.sum(pointwise_terms(name, logp, logq, **kwargs), axis=-1)
@@ -212,7 +234,8 @@ def jsd(student_logits: Array, teacher_logits: Array, *, beta=0.5, temperature=1
 
     Args:
       student_logits, teacher_logits: `[..., V]` float logits of the same shape.
-      beta: static Python float in [0, 1].
+      beta: in [0, 1]; a Python float (checked at trace time) or a traced scalar
+        (the ends are then selected at run time, with the same values).
       temperature: T > 0.
 
     Returns:
@@ -251,8 +274,11 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu=0.5,
     """Adaptive KL (AKL, Wu et al., 2024): (g_h·FKL + g_t·RKL) / (g_h + g_t).
 
     The head is the smallest prefix of the teacher-sorted vocabulary (descending p, ties
-    by index) whose mass reaches μ; g_h and g_t are Σ|p − q| over head and tail. The
-    weights are under stop_gradient. When p = q both gaps are 0 and the value is 0.
+    by index) whose mass reaches μ (DESIGN.md); g_h and g_t are Σ|p − q| over head and
+    tail. The weights are under stop_gradient. When p = q both gaps are 0 and the value
+    is 0. Note: the authors' code (`get_ratio` in LLM_KD_AKL) puts the token whose
+    cumulative mass crosses μ in the tail (head = {cumsum ≤ μ} ∪ {top-1}); here it is
+    in the head, so the two differ by that one token's gap.
 
     Args:
       student_logits, teacher_logits: `[..., V]` float logits of the same shape.

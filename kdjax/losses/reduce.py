@@ -50,10 +50,12 @@ def masked_sum_count(values: jax.Array, mask: jax.Array | None = None) -> Weight
         shape = jnp.broadcast_shapes(m.shape, v.shape)
     except ValueError:
         raise ValueError(
-            f"mask of shape {m.shape} does not broadcast to values of shape {v.shape}"
+            f"mask of shape {m.shape} does not broadcast to values of shape {v.shape}; give it "
+            "the values' shape (or size-1 axes, e.g. [B, 1] for a per-row mask)"
         ) from None
     if shape != v.shape:
-        raise ValueError(f"mask of shape {m.shape} would broadcast values {v.shape} to {shape}")
+        raise ValueError(f"mask of shape {m.shape} would broadcast values {v.shape} to {shape}; "
+                         "it may not add axes to the values")
     m = jnp.broadcast_to(m.astype(jnp.float32), v.shape)
     total = jnp.sum(jnp.where(m != 0, v * m, 0.0))
     return Weighted(total, jnp.sum(m))

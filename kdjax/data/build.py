@@ -1,0 +1,186 @@
+"""`build_token_store`: a datasets source + a tokenizer → packed train/eval token stores.
+
+Output: `<out_dir>/train` and, with a held-out split, `<out_dir>/eval` (each a token
+store). Held-out documents are chosen by a seeded permutation of whole documents before
+packing, so no document is in both. Writing is resumable: an interrupted run leaves
+stores marked incomplete (readers refuse them); re-running the same command finishes
+only the missing shards. A different command on the same directory is refused unless
+`overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from kdjax.data.pack import fill_rows, plan_packing
+from kdjax.data.sources import load_source
+from kdjax.data.token_store import KIND, data_fingerprint, rows_digest, token_arrays
+from kdjax.data.tokenize import Fields, column_names, tokenize_dataset, tokenizer_fingerprint
+from kdjax.storage import RowStoreWriter, fingerprint_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _jax_started() -> bool:
+    """Whether this process has initialized a JAX backend (then os.fork is unsafe)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def _materialize(docs, progress: bool, cache_dir: str | None):
+    """An IterableDataset of documents → an Arrow Dataset written to the `datasets` cache
+    (constant memory), so it can be packed with random access and a known row count."""
+    import uuid
+
+    import datasets
+
+    def gen():
+        yield from tqdm(docs, desc="tokenizing (stream)", unit=" docs", disable=not progress)
+
+    # a fresh fingerprint: a stream may change between runs, so never reuse a cached copy
+    return datasets.Dataset.from_generator(gen, features=docs.features, cache_dir=cache_dir,
+                                           fingerprint=uuid.uuid4().hex)
+
+
+def _docs_digest(docs) -> str:
+    """sha256 over every document's token ids and train flags (Arrow buffers, no Python
+    loop), so a resumed build refuses data that changed since the interrupted run."""
+    h = hashlib.sha256()
+    if docs._indices is not None:  # an index mapping: materialize the selected rows
+        docs = docs.flatten_indices()
+    for name in ("ids", "train"):
+        for chunk in docs.data.column(name).chunks:
+            h.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).tobytes())
+            h.update(chunk.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
+def _write_split(docs, indices: np.ndarray, path: Path, *, seq_len: int, vocab_size: int,
+                 pad_id: int, metadata: dict, pack_mode: str, shard_rows: int | None,
+                 chunk_rows: int, overwrite: bool, progress: bool) -> dict:
+    lengths = np.asarray(docs.select_columns(["length"])[:]["length"], np.int64)[indices]
+    plan = plan_packing(lengths, seq_len, pack_mode)
+    if plan.num_rows == 0:
+        raise ValueError(f"split {path.name!r} has no document of >= 2 tokens "
+                         f"({len(indices)} documents); add data or lower the eval fraction")
+    shard_rows = shard_rows or min(plan.num_rows, max(1, 2**24 // (seq_len * 8)))
+    shard_rows = -(-shard_rows // chunk_rows) * chunk_rows
+    meta = {**metadata, "kind": KIND, "split": path.name, "seq_len": seq_len,
+            "vocab_size": vocab_size, "pack_mode": pack_mode, "num_docs": int(len(indices)),
+            "docs_fingerprint": fingerprint_bytes(lengths)}
+    layout = token_arrays(seq_len, vocab_size)
+    with RowStoreWriter(path, arrays=layout, num_rows=plan.num_rows,
+                        shard_rows=shard_rows, chunk_rows=chunk_rows, metadata=meta,
+                        overwrite=overwrite, layout="record") as w:
+        for shard in tqdm(w.missing_shards(), desc=f"packing {path.name}", unit=" shards",
+                          disable=not progress):
+            lo, hi = w.shard_range(shard)
+            a, b = np.searchsorted(plan.row, [lo, hi])
+            need = np.unique(plan.doc[a:b])
+            sub = docs.select(indices[need])[:]
+            table = {int(d): (np.asarray(i, np.int64), np.asarray(t, bool))
+                     for d, i, t in zip(need, sub["ids"], sub["train"])}
+            data = fill_rows(plan, lo, hi, table, seq_len, pad_id)
+            stored = {k: v.astype(layout[k][1]) for k, v in data.items()}
+            w.write_shard(shard, stored, {"digest": f"{rows_digest(stored, lo):064x}",
+                                          "tokens": int((data["segment_ids"] > 0).sum()),
+                                          "loss_tokens": int(data["loss_mask"].sum())})
+        infos = [w.ledger.info(s) for s in range(w.num_shards)]
+        tokens = sum(i["tokens"] for i in infos)
+        digest = sum(int(i["digest"], 16) for i in infos) % (1 << 256)
+        manifest = w.finalize({
+            "data_fingerprint": data_fingerprint(seq_len=seq_len, vocab_size=vocab_size,
+                                                 num_rows=plan.num_rows, digest=digest),
+            "num_tokens": tokens, "loss_tokens": sum(i["loss_tokens"] for i in infos),
+            "fill": tokens / (plan.num_rows * seq_len)})
+    return {"path": str(path), "rows": plan.num_rows, "tokens": manifest["num_tokens"],
+            "fill": manifest["fill"], "fingerprint": manifest["data_fingerprint"]}
+
+
+def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len: int,
+                      text_field: str | None = None, messages_field: str | None = None,
+                      prompt_field: str | None = None, response_field: str | None = None,
+                      split: str = "train", format: str | None = None, streaming: bool = False,
+                      eval_fraction: float = 0.0, eval_docs: int | None = None, seed: int = 0,
+                      max_docs: int | None = None, pack_mode: str = "split",
+                      shard_rows: int | None = None, chunk_rows: int = 1,
+                      num_proc: int | None = None, overwrite: bool = False,
+                      cache_dir: str | None = None, progress: bool = True) -> dict:
+    """Tokenizes and packs a dataset into `<out_dir>/train` (+ `<out_dir>/eval`).
+
+    Args:
+      source: files/glob/directory or a `datasets` name (see `load_source`).
+      tokenizer: a Hugging Face tokenizer or a path that AutoTokenizer loads.
+      seq_len: tokens per row (L).
+      text_field / messages_field / prompt_field + response_field: which columns hold
+        the examples (inferred from the column names if none is given).
+      eval_fraction / eval_docs: held-out documents for the eval store (0 → none).
+      max_docs: use only the first `max_docs` documents.
+      pack_mode: "split" (no padding; long documents split) or "pad".
+      shard_rows, chunk_rows: store layout (shard = commit unit; chunk = read unit).
+      num_proc: tokenizer processes; None = all cores for >= 20k documents, else 1.
+      cache_dir: `datasets` cache directory (default: the Hugging Face cache).
+
+    Returns:
+      {"train": {path, rows, tokens, fill, fingerprint}, "eval": {...} (if any),
+       "seconds": float}.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    ds = load_source(source, split=split, format=format, streaming=streaming,
+                     **({"cache_dir": str(cache_dir)} if cache_dir else {}))
+    if max_docs is not None:
+        ds = ds.take(max_docs) if isinstance(ds, datasets.IterableDataset) else ds.select(
+            range(min(max_docs, len(ds))))
+    given = Fields(text_field, messages_field, prompt_field, response_field)
+    fields = given if given != Fields() else Fields.infer(column_names(ds))
+    if num_proc is None and not isinstance(ds, datasets.IterableDataset) and len(ds) >= 20_000:
+        num_proc = min(os.cpu_count() or 1, 16)  # worth the process start-up cost
+    if num_proc and num_proc > 1 and _jax_started():
+        log.info("JAX is already running in this process and forking it can deadlock; "
+                 "tokenizing in-process (run `kdjax pack` on its own for parallelism)")
+        num_proc = None
+    docs = tokenize_dataset(ds, tokenizer, fields, num_proc=num_proc)
+    if isinstance(docs, datasets.IterableDataset):
+        docs = _materialize(docs, progress, cache_dir and str(cache_dir))
+    n = len(docs)
+    n_eval = int(eval_docs if eval_docs is not None else round(eval_fraction * n))
+    if not 0 <= n_eval < n:
+        raise ValueError(f"eval split of {n_eval} documents leaves none for training out of "
+                         f"{n}; lower eval_fraction ({eval_fraction}) / eval_docs ({eval_docs})")
+    perm = np.random.default_rng(seed).permutation(n)
+    splits = {"train": np.sort(perm[n_eval:])}
+    if n_eval:
+        splits["eval"] = np.sort(perm[:n_eval])
+    vocab_size = len(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    metadata = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "docs_sha256": _docs_digest(docs),
+                "source": {"source": [str(s) for s in np.atleast_1d(np.asarray(source, object))],
+                           "split": split, "fields": fields.__dict__, "max_docs": max_docs,
+                           "eval_docs": n_eval, "seed": seed}}
+    out = {}
+    for name, idx in splits.items():
+        out[name] = _write_split(docs, idx, Path(out_dir) / name, seq_len=seq_len,
+                                 vocab_size=vocab_size, pad_id=pad_id, metadata=metadata,
+                                 pack_mode=pack_mode, shard_rows=shard_rows,
+                                 chunk_rows=chunk_rows, overwrite=overwrite, progress=progress)
+    out["seconds"] = time.perf_counter() - t0
+    return out

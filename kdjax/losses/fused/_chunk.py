@@ -1,0 +1,91 @@
+"""One chunk of the fused loss: logits, divergence, CE and their gradients.
+
+For a chunk of C tokens: raw = h_c @ W (f32 accumulation), z = softcap(raw),
+logq = z/T − logsumexp(z/T). With g = Σ_c w_c ∂D_c/∂logq from `_teacher_terms`, the
+softmax backward gives ∂/∂z = (g − q · Σ_v g_v) / T; the hard-label CE adds
+ce_weight · w · (softmax(z) − onehot(target)). Then dh_c = dz Wᵀ and dW += h_cᵀ dz.
+Every vocabulary reduction goes through `_vocab`, so the same code runs on a
+vocab-sharded chunk inside shard_map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from kdjax.losses.fused import _teacher_terms, _vocab
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+    """Static description of a fused problem (hashable: a jit/custom_vjp static arg)."""
+
+    divergence: str
+    kwargs: tuple[tuple[str, Any], ...]
+    form: str  # "dense" | "head" | "sparse" | "sampled" | "none" (CE only)
+    vocab_size: int  # the student's global V
+    tail: str | None = None
+    num_samples: int | None = None
+    softcap: float | None = None
+    teacher_softcap: float | None = None
+    with_ce: bool = False  # targets given: CE is computed (as a metric at least)
+    ce_in_grad: bool = False  # ce_weight may be nonzero: CE enters the gradient
+    temperature_is_one: bool = False
+    vocab_axis: str | None = None
+
+
+def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec: ChunkSpec,
+               need_grad: bool):
+    """Loss parts of one chunk and, if `need_grad`, the gradients of Σ w (D + ce_weight·CE).
+
+    Args:
+      h: `[C, H]` student hidden chunk (f32/bf16). w_mat: `[H, V_local]` lm_head (shard).
+      chunk / shared: the teacher's per-token arrays (chunk rows) and shared arrays.
+      targets: `[C]` int or None. w: `[C]` f32 token weights (0 = masked or padding).
+      temperature, ce_weight: f32 scalars.
+
+    Returns:
+      `([Σ w·D, Σ w·CE] f32 [2], dh [C, H] f32 | None, dW [H, V_local] f32 | None)`.
+    """
+    axis = spec.vocab_axis
+    raw = jnp.dot(h, w_mat, preferred_element_type=F32)
+    z, dcap = _vocab.softcap(raw, spec.softcap)
+    zt = z if spec.temperature_is_one else z / temperature
+    lse = _vocab.logsumexp(zt, axis)
+    logq = zt - lse[:, None]
+    if spec.form == "none":  # CE only (fused_sequence_logprobs)
+        div, g = jnp.zeros(w.shape, F32), None
+    else:
+        div, g = _teacher_terms.divergence_and_grad(logq, chunk, shared, w, temperature,
+                                                   spec, need_grad)
+    live = w != 0
+    parts = [jnp.sum(jnp.where(live, w * div, 0.0))]
+    if spec.with_ce:
+        lse1 = lse if spec.temperature_is_one else _vocab.logsumexp(z, axis)
+        z_target = _vocab.take(z, targets[:, None], axis)[:, 0]
+        valid = (targets >= 0) & (targets < spec.vocab_size)
+        ce = jnp.where(valid, lse1 - z_target, jnp.nan)  # out-of-range target: loud NaN
+        parts.append(jnp.sum(jnp.where(live, w * ce, 0.0)))
+    else:
+        parts.append(jnp.zeros((), F32))
+    if not need_grad:
+        return jnp.stack(parts), None, None
+    dz = jnp.zeros_like(z)
+    if g is not None:
+        s = _vocab.psum(jnp.sum(g, axis=-1), axis)
+        dz = g - jnp.exp(logq) * s[:, None]
+        if not spec.temperature_is_one:
+            dz = dz / temperature
+    if spec.with_ce and spec.ce_in_grad:
+        soft = jnp.exp(z - lse1[:, None]) - _vocab.one_hot(targets, z.shape[-1], axis)
+        dz = dz + (ce_weight * w)[:, None] * soft
+    if dcap is not None:
+        dz = dz * dcap
+    dz = dz.astype(h.dtype)  # bf16 inputs: bf16 matmuls with f32 accumulation
+    dh = _vocab.psum(jnp.dot(dz, w_mat.T, preferred_element_type=F32), axis)
+    dw = jnp.dot(h.T, dz, preferred_element_type=F32)
+    return jnp.stack(parts), dh, dw

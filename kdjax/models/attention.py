@@ -1,0 +1,109 @@
+"""Grouped-query causal self-attention with RoPE, optional q/k RMSNorm (Qwen3), packed-row
+masking and a functional KV cache for the sampler."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.sharding import constrain
+
+from .layers import Dense, RMSNorm, apply_rope
+
+MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so fully masked (padding) rows stay finite
+
+
+def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Array,
+                   k_slots: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Boolean `[B, Lq, Lk]`: key k is visible to query q when both are in the same
+    non-padding segment (`segment_ids` 0 = padding), k is not after q (slot order), and,
+    with a sliding window w, `q_slot - k_slot < w` (transformers' sliding_window_overlay).
+
+    Args:
+      q_segments: `[B, Lq]` int; k_segments: `[B, Lk]` int; q_slots: `[Lq]` int;
+      k_slots: `[Lk]` int (row indices, or KV-cache slots when decoding).
+    """
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    delta = q_slots[:, None] - k_slots[None, :]
+    visible = delta >= 0
+    if sliding_window is not None:
+        visible &= delta < sliding_window
+    return same & visible[None]
+
+
+class Attention(nnx.Module):
+    """`o(softmax(q kᵀ/√d + mask) v)` with `num_heads // num_kv_heads` query heads per
+    key/value head (Ainslie et al. 2023); query head h uses kv head `h // groups`, as
+    transformers' `repeat_kv` does."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        b = cfg.attention_bias
+        self.q = Dense("blh,hnd->blnd", (h, n, d), ("embed", "heads", "head_dim"),
+                       bias_shape=(n, d) if b else None, bias_axes=("heads", "head_dim"), **kw)
+        self.k = Dense("blh,hnd->blnd", (h, k, d), ("embed", "kv_heads", "head_dim"),
+                       bias_shape=(k, d) if b else None, bias_axes=("kv_heads", "head_dim"),
+                       **kw)
+        self.v = Dense("blh,hnd->blnd", (h, k, d), ("embed", "kv_heads", "head_dim"),
+                       bias_shape=(k, d) if b else None, bias_axes=("kv_heads", "head_dim"),
+                       **kw)
+        self.o = Dense("blnd,ndh->blh", (n, d, h), ("heads", "head_dim", "embed"),
+                       bias_shape=(h,) if cfg.attention_out_bias else None,
+                       bias_axes=("embed",), **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_kv_heads, self.head_dim, self.dtype = k, d, cfg.dtype
+
+    def __call__(self, x, cos, sin, mask, *, cache=None, cache_index=None,
+                 return_scores=False):
+        """Args:
+          x: `[B, L, H]`; cos, sin: `[B, L, head_dim]` f32; mask: `[B, L, Lk]` bool
+            (Lk = L, or the cache length when `cache` is given).
+          cache: None or `{"k", "v"}: [B, S, kv_heads, head_dim]`; the new keys/values are
+            written at `cache_index` and attention runs over the whole cache.
+        Returns:
+          `(out [B, L, H], scores [B, heads, L, Lk] f32 | None, new cache | None)`.
+          Scores are the masked pre-softmax logits `q·k/√d` (masked keys = float32 min).
+        """
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        out, scores = attend(q, k, v, mask, self.num_kv_heads, self.dtype, return_scores)
+        return self.o(out), scores, cache
+
+
+def attend(q, k, v, mask, num_kv_heads: int, dtype, return_scores: bool = False):
+    """`softmax(q kᵀ/√d + mask) v` for grouped query heads.
+
+    Args:
+      q: `[B, Lq, heads, d]`; k, v: `[B, Lk, kv_heads, d]`; mask: `[B, Lq, Lk]` bool.
+    Returns:
+      `(out [B, Lq, heads, d] in dtype, scores [B, heads, Lq, Lk] f32 | None)`.
+    """
+    b, lq, n, d = q.shape
+    kv, lk = num_kv_heads, k.shape[1]
+    g = n // kv
+    # head-major `[B, kv, g*Lq, d]`: each kv head's queries form one plain batched matmul
+    # (~6% faster fwd+bwd on CPU than the 5-D einsum, whose gradients XLA transposes)
+    qg = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * lq, d)
+    logits = jnp.einsum("bkqd,bskd->bkqs", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, lq, lk), MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kv, g * lq, lk)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v.astype(dtype)).reshape(b, kv, g, lq, d)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d)
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    scores = logits.reshape(b, n, lq, lk) if return_scores else None
+    return out, scores

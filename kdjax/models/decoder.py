@@ -1,0 +1,228 @@
+"""`Decoder`: the Llama/Mistral/Qwen decoder-only transformer in Flax NNX.
+
+Pre-norm residual blocks `x + attn(norm(x))`, `x + mlp(norm(x))`, a final RMSNorm and
+an (optionally tied) vocabulary projection. One forward can return the logits, the
+final hidden states (for the fused loss), and chosen layers' hidden states and
+attention scores (for hidden-state / attention distillation) without a second pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from kdjax.sharding import constrain, state_shardings
+
+from .attention import Attention, attention_mask
+from .config import DecoderConfig
+from .layers import MLP, RMSNorm, param, project, rope_cos_sin, rope_inv_freq
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+_ACT = ("batch", "length", "embed")
+
+
+@struct.dataclass
+class DecoderOutput:
+    """What a forward returns (a pytree, so it can leave jit).
+
+    Attributes:
+      logits: `[B, L, V]` in the compute dtype, or None when `return_logits=False`.
+      hidden: `[B, L, H]` final hidden states, after the last norm (`logits = hidden @
+        lm_head()`).
+      hidden_states: `{i: [B, L, H]}` for each requested i: the residual stream after
+        `i` blocks (0 = embeddings), and for `i = num_layers` the final normed `hidden`,
+        so `hidden_states[i]` equals transformers' `output_hidden_states[i]` for all i.
+      attention_scores: `{i: [B, heads, L, Lk] f32}` masked pre-softmax scores of block i
+        (0-based); `softmax` of them is transformers' `output_attentions[i]`.
+      cache: the updated KV cache when one was passed, else None.
+    """
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    hidden_states: dict[int, jax.Array]
+    attention_scores: dict[int, jax.Array]
+    cache: Any = None
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, return_scores=False):
+        a, scores, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache=cache,
+                                     cache_index=cache_index, return_scores=return_scores)
+        x = constrain(x + a, _ACT)
+        x = constrain(x + self.mlp(self.mlp_norm(x)), _ACT)
+        return x, scores, cache
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """`[B, L]` int32 position of each token within its segment (0 at each segment start)."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts = jnp.where(segment_ids != prev, idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. `Decoder(config, rngs=nnx.Rngs(seed))`; see `__call__`."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        cfg = config
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           cfg.param_dtype)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype,
+                            dtype=cfg.dtype, rngs=rngs)
+        self.unembed = (None if cfg.tie_word_embeddings else
+                        param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                              cfg.param_dtype))
+
+    def lm_head(self) -> jax.Array:
+        """`[H, V]` vocabulary projection in the compute dtype (tied: `embedding.T`)."""
+        w = self.embed[...].T if self.unembed is None else self.unembed[...]
+        return w.astype(self.config.dtype)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_logits: bool = True,
+                 hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
+                 cache: dict | None = None) -> DecoderOutput:
+        """Forward.
+
+        Args:
+          tokens: `[B, L]` int token ids.
+          segment_ids: `[B, L]` int, tokens attend only within their segment (packed
+            rows); 0 marks padding. None = one segment per row.
+          positions: `[B, L]` int RoPE positions; None = index within each segment.
+          return_logits: compute `[B, L, V]` logits (False: only `hidden`, for fused losses).
+          hidden_layers: residual-stream indices in `[0, num_layers]` (negatives count
+            from the end) to return in `hidden_states`.
+          attention_layers: block indices in `[0, num_layers)` whose scores to return.
+          cache: sampler KV cache (see `kdjax.models.sampler.init_cache`); tokens are
+            written at `cache["index"]` and attend over all cache slots.
+        """
+        cfg = self.config
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        hidden_layers = _normalize(hidden_layers, cfg.num_layers + 1, "hidden_layers")
+        attention_layers = _normalize(attention_layers, cfg.num_layers, "attention_layers")
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        q_slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        if cache is None:
+            mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots,
+                                  cfg.sliding_window)
+            index, layer_caches = None, [None] * cfg.num_layers
+        else:
+            index = cache["index"]
+            k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"],
+                                                      segment_ids.astype(jnp.int32), (0, index))
+            k_slots = jnp.arange(k_segments.shape[1], dtype=jnp.int32)
+            mask = attention_mask(segment_ids, k_segments, q_slots + index, k_slots,
+                                  cfg.sliding_window)
+            layer_caches = cache["layers"]
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                         cfg.rope_scaling))
+        # look up in an all-gathered table (as FSDP gathers every weight at use): a gather
+        # from a vocab/embed-sharded table makes XLA rematerialize it anyway, with warnings
+        table = constrain(self.embed[...], (None, None))
+        x = constrain(jnp.take(table, tokens, axis=0).astype(cfg.dtype), _ACT)
+        hidden_states, scores_out, new_caches = {}, {}, []
+        for i, block in enumerate(self.layers):
+            if i in hidden_layers:
+                hidden_states[i] = x
+            x, scores, layer_cache = _run_block(block, cfg.remat, x, cos, sin, mask,
+                                                layer_caches[i], index, i in attention_layers)
+            new_caches.append(layer_cache)
+            if scores is not None:
+                scores_out[i] = scores
+        hidden = self.norm(x)
+        if cfg.num_layers in hidden_layers:  # transformers' last entry is after the norm
+            hidden_states[cfg.num_layers] = hidden
+        logits = None
+        if return_logits:
+            logits = project("blh,hv->blv", hidden, self.lm_head())
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"layers": new_caches, "segment_ids": k_segments,
+                         "index": index + tokens.shape[1]}
+        return DecoderOutput(logits, hidden, hidden_states, scores_out, new_cache)
+
+
+def init_decoder(config: DecoderConfig, *, seed: int = 0,
+                 mesh: jax.sharding.Mesh | None = None) -> Decoder:
+    """A randomly initialized `Decoder` (the values of `Decoder(config,
+    rngs=nnx.Rngs(seed))`, up to last-ulp rounding), built in one compiled function
+    cached per (config, mesh), so new seeds do not recompile; with `mesh` the parameters
+    are created directly in their sharding (no host copy)."""
+    graphdef, create = _init_fn(config, mesh)
+    return nnx.merge(graphdef, create(jnp.asarray(seed, jnp.uint32)))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(config: DecoderConfig, mesh):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    out_shardings = None if mesh is None else state_shardings(abstract, mesh)
+
+    def create(seed):
+        return nnx.state(Decoder(config, rngs=nnx.Rngs(jax.random.key(seed))))
+
+    return graphdef, jax.jit(create, out_shardings=out_shardings)
+
+
+def with_config(model: Decoder, **changes) -> Decoder:
+    """The same parameters (shared, not copied) under a config with `changes` that do not
+    alter the parameter structure, e.g. `remat="full"`, `dtype="bfloat16"`."""
+    config = model.config.replace(**changes)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    state = nnx.state(model)
+    want = jax.tree.map(lambda v: (v.shape, v.dtype), abstract)
+    have = jax.tree.map(lambda v: (v.shape, v.dtype), state)
+    if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
+        raise ValueError(f"with_config({changes}) changes the parameters' structure, shapes "
+                         "or dtypes; build a new Decoder instead")
+    return nnx.merge(graphdef, state)
+
+
+def _normalize(indices: Sequence[int], n: int, name: str) -> frozenset[int]:
+    out = set()
+    for i in indices:
+        if not -n <= int(i) < n:
+            raise ValueError(f"{name} contains {i}, outside [-{n}, {n}) for this "
+                             f"{n}-entry range; pass indices in range or negatives from the end")
+        out.add(int(i) % n)
+    return frozenset(out)
+
+
+def _run_block(block: Block, remat: str, x, cos, sin, mask, cache, index, want_scores):
+    """Runs one block, under `jax.checkpoint` with the configured policy unless remat is
+    "none". The block is split into (graph, params) so the checkpointed function is pure."""
+    if remat == "none":
+        return block(x, cos, sin, mask, cache, index, want_scores)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x, cos, sin, mask, cache, index):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, index, want_scores)
+
+    fn = jax.checkpoint(pure, policy=_REMAT[remat])
+    return fn(state, x, cos, sin, mask, cache, index)

@@ -1,0 +1,652 @@
+"""Experiment configuration: frozen, validated dataclasses mirrored by YAML.
+
+A run is described by one `Config` (sections `model`, `teacher`, `data`, `store`,
+`objective`, `optimizer`, `mesh`, `checkpoint`, `eval`, `logging`, plus top-level
+`run_dir`, `seed`, `steps`, `global_batch_size`, `micro_batches`). Each section checks
+its own fields in `__post_init__`; `Config.__post_init__` checks the rules that span
+sections. Everything fails here, before any model is built or compiled.
+
+    config = load_config("configs/quickstart.yaml", ["optimizer.lr=1e-3", "steps=50"])
+    config.objective.temperature_at(step, config.steps)
+
+Override values are parsed as YAML (`eval.every=0` is an int, `model.path=null` is None,
+`objective.hidden.layer_map={1: 3}` is a dict). An unknown key is an error that names
+the nearest valid key. Levanter/marin style: sections are plain dataclasses, the YAML
+file mirrors them one to one, and `to_yaml()` writes a file that loads back equal.
+Relative paths are relative to the working directory `kdjax` runs in, not to the YAML
+file. Rules that need the device count (the -1 mesh axis) run in `check_devices(n)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from kdjax.train import _schema
+from kdjax.train._schema import ConfigError, check, check_choice
+
+__all__ = [
+    "AttentionTerm", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "HiddenTerm", "LoggingConfig", "MeshConfig", "ModelConfig", "ObjectiveConfig",
+    "OptimizerConfig", "Schedule", "StoreConfig", "TeacherConfig", "apply_overrides",
+    "config_from_dict", "load_config",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+STORE_MODES = ("dense", "topk", "sampled")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+def _frozen(cls):
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+def _hf_field(path: str | None, name: str) -> int | None:
+    """An int field of `<path>/config.json` when the directory exists locally (else None)."""
+    if not path:
+        return None
+    cfg = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg) as f:
+        data = json.load(f)
+    data = data.get("text_config", data)  # multimodal wrappers nest the LM config
+    value = data.get(name)
+    return int(value) if value is not None else None
+
+
+# ----------------------------------------------------------------------- sections
+
+
+@_frozen
+class ModelConfig:
+    """The student: loaded from a Hugging Face directory or built from scratch."""
+
+    path: str | None = None
+    """HF checkpoint directory (or kdjax `export` output) to start from; None with `init`."""
+    init: dict | None = None
+    """Inline `kdjax.models.DecoderConfig` fields to train from scratch (random init)."""
+    dtype: str = "bfloat16"
+    """Compute dtype of activations and matmuls."""
+    param_dtype: str = "float32"
+    """Master-weight dtype (the optimizer state follows it)."""
+    remat: str = "none"
+    """Per-layer rematerialization policy: none | full | dots | dots_no_batch."""
+
+    def __post_init__(self):
+        check((self.path is None) != (self.init is None), "model",
+              "give exactly one of model.path (a Hugging Face directory) or model.init "
+              f"(inline DecoderConfig fields); got path={self.path!r}, init={self.init!r}")
+        check_choice(self.dtype, DTYPES, "model.dtype")
+        check_choice(self.param_dtype, DTYPES, "model.param_dtype")
+        check_choice(self.remat, REMAT, "model.remat")
+        if self.init is not None:
+            self.decoder_config()  # validates the inline fields now, not at build time
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Known vocabulary size (from `init` or the local `config.json`), else None."""
+        if self.init is not None:
+            return self.init.get("vocab_size")
+        return _hf_field(self.path, "vocab_size")
+
+    @property
+    def num_layers(self) -> int | None:
+        """Known number of decoder blocks, else None."""
+        if self.init is not None:
+            return self.init.get("num_layers")
+        return _hf_field(self.path, "num_hidden_layers")
+
+    def decoder_config(self):
+        """`kdjax.models.DecoderConfig` for `init` (from scratch), with this section's
+        dtypes and remat policy."""
+        return _schema.decoder_config(self.init or {}, "model.init", dtype=self.dtype,
+                                      param_dtype=self.param_dtype, remat=self.remat)
+
+
+@_frozen
+class TeacherConfig:
+    """An online teacher, run inside the train step (forward only, never saved)."""
+
+    path: str | None = None
+    """HF checkpoint directory of the teacher for online KD; None for offline (store) KD."""
+    dtype: str = "bfloat16"
+    """Compute and parameter dtype of the frozen teacher."""
+    remat: str = "full"
+    """Teacher remat policy (none | full | dots | dots_no_batch); its activations are not
+    needed for a backward pass, so full remat costs nothing extra."""
+    truncate_vocab: bool = False
+    """Allow teacher/student vocab sizes that differ only by padding rows (e.g. Qwen2.5-7B
+    152064 vs 0.5B 151936, one tokenizer): distributions use the first min(V_s, V_t) ids."""
+
+    def __post_init__(self):
+        check_choice(self.dtype, DTYPES, "teacher.dtype")
+        check_choice(self.remat, REMAT, "teacher.remat")
+
+    @property
+    def vocab_size(self) -> int | None:
+        return _hf_field(self.path, "vocab_size")
+
+    @property
+    def num_layers(self) -> int | None:
+        return _hf_field(self.path, "num_hidden_layers")
+
+
+@_frozen
+class DataConfig:
+    """Token stores for training and held-out evaluation (see `kdjax.data`)."""
+
+    train: str
+    """Token store directory of packed training rows (`kdjax pack` writes one)."""
+    eval: str | None = None
+    """Held-out token store directory; None disables periodic eval."""
+    dataset: str | None = None
+    """Optional raw source (data files / glob / directory, or a `datasets` name) that
+    `kdjax train` packs into `train` (and `eval`) when `train` does not exist yet, as
+    `kdjax pack` would; `train` must then be `<dir>/train` (and `eval` `<dir>/eval`)."""
+    split: str = "train"
+    """Split of `dataset` to read."""
+    text_field: str | None = None
+    """Column of `dataset` with the text; None infers it (text / messages / prompt+response)."""
+    tokenizer: str | None = None
+    """Tokenizer directory used to pack `dataset` (and copied by `kdjax export`)."""
+    seq_len: int | None = None
+    """Tokens per packed row when packing `dataset`."""
+    eval_fraction: float = 0.0
+    """Fraction of `dataset` documents held out into `eval` when packing."""
+    prefetch: int = 2
+    """Batches the loader reads ahead in a background thread."""
+
+    def __post_init__(self):
+        check(bool(self.train), "data.train", "a token store path is required")
+        check(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
+        check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction",
+              f"must be in [0, 1), got {self.eval_fraction}")
+        if self.seq_len is not None:
+            check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        if self.dataset is None:
+            return
+        check(self.tokenizer is not None and self.seq_len is not None, "data.dataset",
+              "packing a dataset needs data.tokenizer and data.seq_len")
+        root = os.path.dirname(os.path.normpath(self.train))
+        check(os.path.basename(os.path.normpath(self.train)) == "train", "data.train",
+              f"packing writes <dir>/train and <dir>/eval, so data.train must end in /train, "
+              f"got {self.train!r}")
+        want_eval = os.path.join(root, "eval")
+        check(self.eval_fraction == 0 or (self.eval is not None and os.path.normpath(
+            self.eval) == want_eval), "data.eval", f"with eval_fraction > 0 set data.eval="
+              f"{want_eval} (where packing writes the held-out rows), got {self.eval!r}")
+
+    @property
+    def pack_dir(self) -> str:
+        """Directory `kdjax pack` writes `train/` (and `eval/`) into."""
+        return os.path.dirname(os.path.normpath(self.train))
+
+
+@_frozen
+class StoreConfig:
+    """The precomputed teacher-signal store (offline KD, see `kdjax.teacher`)."""
+
+    path: str | None = None
+    """Teacher store directory matching `data.train`; None for online KD or CE only."""
+    eval_path: str | None = None
+    """Teacher store for `data.eval` (enables KL-to-teacher and top-1 agreement in eval)."""
+    mode: str | None = None
+    """Expected store mode (dense | topk | sampled); None accepts whatever the store has.
+    (A store whose data, tokenizer or vocabulary differ from the run is always refused.)"""
+
+    def __post_init__(self):
+        if self.mode is not None:
+            check_choice(self.mode, STORE_MODES, "store.mode")
+        if self.eval_path is not None:
+            check(self.path is not None, "store.eval_path", "needs store.path as well")
+
+
+@_frozen
+class Schedule:
+    """How a scalar (temperature, alpha) moves from its start value over training."""
+
+    kind: str = "constant"
+    """constant | linear | cosine."""
+    end: float | None = None
+    """Value reached after `steps` (required unless constant)."""
+    steps: int | None = None
+    """Steps to go from start to end; None means the whole run (`Config.steps`)."""
+
+    def __post_init__(self):
+        check_choice(self.kind, ("constant", "linear", "cosine"), "kind")
+        check(self.kind == "constant" or self.end is not None, "end",
+              f"a {self.kind} schedule needs an end value")
+        check(self.steps is None or self.steps > 0, "steps", f"must be > 0, got {self.steps}")
+
+    def value(self, start: float, step, total_steps: int):
+        """Scheduled value at `step` (an int or a traced scalar; returns the same kind)."""
+        if self.kind == "constant" or self.end is None:
+            return start
+        import jax.numpy as jnp
+
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / float(self.steps or total_steps),
+                        0.0, 1.0)
+        if self.kind == "linear":
+            return start + (self.end - start) * frac
+        return self.end + (start - self.end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+
+    def build(self, start: float, total_steps: int):
+        """A float when constant (static in the step), else a function step -> value."""
+        if self.kind == "constant" or self.end is None:
+            return float(start)
+        return lambda step: self.value(start, step, total_steps)
+
+
+@_frozen
+class HiddenTerm:
+    """Hidden-state matching: loss on student layer s vs teacher layer t, per token."""
+
+    weight: float = 0.0
+    """Weight of the term in the total loss; 0 disables it."""
+    loss: str = "mse"
+    """mse | cosine (`kdjax.losses.hidden_mse` / `hidden_cosine`)."""
+    layer_map: dict = dataclasses.field(default_factory=dict)
+    """Student → teacher residual-stream index, e.g. {4: 14, 8: 28}: 0 is the embedding
+    output, i the input of block i, num_layers the final normed hidden state."""
+    projection: bool = True
+    """Learn a linear map [H_s, H_t] per mapped layer (needed when hidden sizes differ);
+    it trains with the student and is checkpointed, not exported."""
+
+    def __post_init__(self):
+        check(self.weight >= 0, "objective.hidden.weight", f"must be >= 0, got {self.weight}")
+        check_choice(self.loss, ("mse", "cosine"), "objective.hidden.loss")
+        _schema.check_layer_map(self.layer_map, "objective.hidden.layer_map")
+        check(self.weight == 0 or self.layer_map, "objective.hidden.layer_map",
+              "hidden.weight > 0 needs a layer_map such as {3: 11}")
+
+
+@_frozen
+class AttentionTerm:
+    """Attention-distribution matching (MiniLM): KL(teacher ‖ student) over keys."""
+
+    weight: float = 0.0
+    """Weight of the term in the total loss; 0 disables it."""
+    layer_map: dict = dataclasses.field(default_factory=dict)
+    """Student → teacher block index in [0, num_layers) (head counts must match)."""
+
+    def __post_init__(self):
+        check(self.weight >= 0, "objective.attention.weight",
+              f"must be >= 0, got {self.weight}")
+        _schema.check_layer_map(self.layer_map, "objective.attention.layer_map")
+        check(self.weight == 0 or self.layer_map, "objective.attention.layer_map",
+              "attention.weight > 0 needs a layer_map such as {3: 11}")
+
+
+@_frozen
+class ObjectiveConfig:
+    """loss = (1 − α)·s·D(p_T ‖ q_T) + α·CE + w_h·hidden + w_a·attention,
+    with s = T² when `t2_scaling` (Hinton et al. 2015), else 1."""
+
+    divergence: str = "forward_kl"
+    """Any name in `kdjax.losses.DIVERGENCES` (top-k and sampled stores: forward_kl only)."""
+    divergence_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Extra divergence arguments, e.g. {beta: 0.5} for jsd, {alpha: 0.1} for skew_*."""
+    temperature: float = 1.0
+    """Distillation temperature T at step 0 (both distributions are softened by T)."""
+    temperature_schedule: Schedule = dataclasses.field(default_factory=Schedule)
+    """How T moves during training (default: constant)."""
+    alpha: float = 0.0
+    """Hard-label cross-entropy weight α in [0, 1]; 1 is plain CE training (no teacher)."""
+    alpha_schedule: Schedule = dataclasses.field(default_factory=Schedule)
+    """How α moves during training (default: constant)."""
+    t2_scaling: bool = True
+    """Multiply the divergence by T² so gradient scale does not shrink with T."""
+    hidden: HiddenTerm = dataclasses.field(default_factory=HiddenTerm)
+    """Hidden-state term (teacher hidden states from the store or the online teacher)."""
+    attention: AttentionTerm = dataclasses.field(default_factory=AttentionTerm)
+    """Attention term (online teacher only: stores hold no attention scores)."""
+    use_fused: bool = True
+    """Use `kdjax.losses.fused_distill` (no [N, V] logits beyond one chunk)."""
+    chunk_size: int | None = None
+    """Tokens per chunk in the fused kernel; None lets the kernel choose."""
+
+    def __post_init__(self):
+        from kdjax.losses import DIVERGENCES
+
+        check_choice(self.divergence, DIVERGENCES, "objective.divergence")
+        _schema.check_kwargs(self.divergence, self.divergence_kwargs,
+                             "objective.divergence_kwargs")
+        check(self.temperature > 0, "objective.temperature",
+              f"must be > 0, got {self.temperature}")
+        end_t = self.temperature_schedule.end
+        check(end_t is None or end_t > 0, "objective.temperature_schedule.end",
+              f"must be > 0, got {end_t}")
+        for name, value in (("alpha", self.alpha), ("alpha_schedule.end",
+                                                     self.alpha_schedule.end)):
+            check(value is None or 0.0 <= value <= 1.0, f"objective.{name}",
+                  f"must be in [0, 1], got {value}")
+        check(self.chunk_size is None or self.chunk_size > 0, "objective.chunk_size",
+              f"must be > 0, got {self.chunk_size}")
+
+    def temperature_at(self, step, total_steps: int):
+        """T at `step` (python number or traced scalar)."""
+        return self.temperature_schedule.value(self.temperature, step, total_steps)
+
+    def alpha_at(self, step, total_steps: int):
+        """α at `step` (python number or traced scalar)."""
+        return self.alpha_schedule.value(self.alpha, step, total_steps)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any term needs a teacher signal (store or online model)."""
+        ce_only = self.alpha == 1.0 and self.alpha_schedule.kind == "constant"
+        return not ce_only or self.hidden.weight > 0 or self.attention.weight > 0
+
+
+@_frozen
+class OptimizerConfig:
+    """optax AdamW with linear warmup, then cosine/linear/constant decay, and clipping."""
+
+    lr: float = 3e-4
+    """Peak learning rate (reached after `warmup_steps`)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr`."""
+    decay: str = "cosine"
+    """cosine | linear | constant, from `lr` to `lr·min_lr_ratio` at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW), applied to matrices only (not norms/biases)."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_norm: float | None = 1.0
+    """Global gradient-norm clip; None disables clipping."""
+    max_nonfinite: int = 5
+    """Stop with an error after this many consecutive skipped non-finite updates."""
+
+    def __post_init__(self):
+        check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        check(self.warmup_steps >= 0, "optimizer.warmup_steps",
+              f"must be >= 0, got {self.warmup_steps}")
+        check_choice(self.decay, ("cosine", "linear", "constant"), "optimizer.decay")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
+              f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.weight_decay >= 0, "optimizer.weight_decay",
+              f"must be >= 0, got {self.weight_decay}")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, f"optimizer.{name}", f"must be in [0, 1), got {value}")
+        check(self.eps > 0, "optimizer.eps", f"must be > 0, got {self.eps}")
+        check(self.clip_norm is None or self.clip_norm > 0, "optimizer.clip_norm",
+              f"must be > 0 or null, got {self.clip_norm}")
+        check(self.max_nonfinite >= 1, "optimizer.max_nonfinite",
+              f"must be >= 1, got {self.max_nonfinite}")
+
+
+@_frozen
+class MeshConfig:
+    """Device mesh sizes (see `kdjax.sharding.make_mesh`); one may be -1 (the rest)."""
+
+    data: int = -1
+    """Pure data parallelism (replicated parameters)."""
+    fsdp: int = 1
+    """Fully sharded data parallelism (parameters and optimizer state sharded)."""
+    tensor: int = 1
+    """Tensor parallelism over heads / MLP / vocabulary."""
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            check(size == -1 or size >= 1, f"mesh.{name}", f"must be >= 1 or -1, got {size}")
+        check(list(sizes.values()).count(-1) <= 1, "mesh",
+              f"at most one axis may be -1, got {sizes}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) sizes for `num_devices` devices, -1 filled in."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            check(num_devices % known == 0, "mesh",
+                  f"{num_devices} devices do not divide by the fixed axes ({known}) of "
+                  f"data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}")
+            sizes[sizes.index(-1)] = num_devices // known
+        check(math.prod(sizes) == num_devices, "mesh",
+              f"data×fsdp×tensor = {math.prod(sizes)} but {num_devices} devices are "
+              "available; set one axis to -1 to use all of them")
+        return tuple(sizes)
+
+    def data_parallel_size(self, num_devices: int | None = None) -> int | None:
+        """Ways the batch is split (data × fsdp); None if unknown without a device count."""
+        if num_devices is None and -1 in (self.data, self.fsdp):
+            return None
+        data, fsdp, _ = (self.resolve(num_devices) if num_devices is not None
+                         else (self.data, self.fsdp, self.tensor))
+        return data * fsdp
+
+    def make(self, devices=None):
+        """The `jax.sharding.Mesh` for these sizes (all devices unless given)."""
+        from kdjax.sharding import make_mesh
+
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
+
+
+@_frozen
+class CheckpointConfig:
+    """Orbax checkpoints of the student, optimizer state, step and RNG in `run_dir`."""
+
+    every: int = 1000
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+    async_save: bool = True
+    """Write in the background while training continues."""
+
+    def __post_init__(self):
+        check(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@_frozen
+class EvalConfig:
+    """Periodic held-out evaluation on `data.eval`: CE / perplexity, and with a teacher
+    signal KL(teacher ‖ student) at T = 1 and top-1 agreement."""
+
+    every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    batches: int = 8
+    """Batches per evaluation."""
+    batch_size: int | None = None
+    """Rows per eval batch; None uses `global_batch_size`."""
+
+    def __post_init__(self):
+        check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        check(self.batches >= 1, "eval.batches", f"must be >= 1, got {self.batches}")
+        check(self.batch_size is None or self.batch_size >= 1, "eval.batch_size",
+              f"must be >= 1, got {self.batch_size}")
+
+
+@_frozen
+class LoggingConfig:
+    """Where metrics go; all paths live under `run_dir`."""
+
+    every: int = 10
+    """Log token-weighted averages over windows of this many steps."""
+    jsonl: bool = True
+    """Append metrics to `run_dir/metrics.jsonl`."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to `run_dir/tensorboard/`."""
+    plot: bool = True
+    """Plot the curves to `run_dir/curves.png` at the end."""
+    progress: bool = True
+    """Show a tqdm progress bar (step, tokens/s, loss, ETA)."""
+
+    def __post_init__(self):
+        check(self.every >= 1, "logging.every", f"must be >= 1, got {self.every}")
+
+
+# ------------------------------------------------------------------------- the run
+
+
+@_frozen
+class Config:
+    """One distillation run. `load_config` builds it from YAML plus overrides."""
+
+    run_dir: str
+    """Directory for checkpoints, metrics, plots and the resolved `config.yaml`."""
+    steps: int
+    """Optimizer steps to train for (a resumed run continues up to this step)."""
+    global_batch_size: int
+    """Rows (packed sequences) per optimizer step, over all hosts and micro-batches."""
+    model: ModelConfig
+    """The student."""
+    data: DataConfig
+    """Training / held-out token stores."""
+    micro_batches: int = 1
+    """Gradient-accumulation micro-batches per step (token-weighted sum, count)."""
+    seed: int = 0
+    """Seed of parameter init, data order and any sampling."""
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    """Online teacher (leave `path` empty for offline KD from `store`)."""
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    """Precomputed teacher-signal store (offline KD)."""
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    """What is minimized."""
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    """AdamW, schedule, clipping, non-finite guard."""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """Device mesh (data, fsdp, tensor)."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Held-out evaluation cadence."""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Metrics outputs."""
+
+    def __post_init__(self):
+        check(bool(self.run_dir), "run_dir", "a run directory is required")
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.global_batch_size >= 1, "global_batch_size",
+              f"must be >= 1, got {self.global_batch_size}")
+        check(self.micro_batches >= 1, "micro_batches",
+              f"must be >= 1, got {self.micro_batches}")
+        check(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
+              f"{self.optimizer.warmup_steps} exceeds steps={self.steps}")
+        self._check_teacher_signal()
+        self._check_vocab()
+        self._check_layers()
+        self._check_batch(self.mesh.data_parallel_size())
+
+    def _check_teacher_signal(self):
+        online, offline = self.teacher.path is not None, self.store.path is not None
+        check(not (online and offline), "teacher.path",
+              "give either teacher.path (online KD) or store.path (offline KD), not both")
+        check(online or offline or not self.objective.needs_teacher, "objective",
+              f"alpha={self.objective.alpha} (< 1) or a hidden/attention term needs a teacher "
+              "signal: set store.path (precomputed, `kdjax precompute`) or teacher.path "
+              "(online), or set objective.alpha=1 for hard-label training only")
+        check(self.objective.attention.weight == 0 or online, "objective.attention",
+              "attention distillation needs an online teacher (teacher.path); stores hold "
+              "no attention scores")
+        sparse = self.store.mode in ("topk", "sampled")
+        check(not sparse or self.objective.divergence == "forward_kl", "objective.divergence",
+              f"a {self.store.mode} store supports forward_kl only (sparse_forward_kl / "
+              f"sampled_forward_kl), got {self.objective.divergence!r}; use a dense store or "
+              "an online teacher for other divergences")
+        check(self.store.eval_path is None or self.data.eval is not None, "store.eval_path",
+              "needs data.eval (the token store it was computed from)")
+
+    def _check_vocab(self):
+        vs, vt = self.model.vocab_size, self.teacher.vocab_size
+        if vs is None or vt is None or vs == vt:
+            return
+        check(self.teacher.truncate_vocab, "teacher.path",
+              f"teacher vocab_size {vt} differs from student vocab_size {vs}; if they share "
+              "a tokenizer and differ only by padding rows set teacher.truncate_vocab=true")
+
+    def _check_layers(self):
+        obj = self.objective
+        for side, n in (("student", self.model.num_layers), ("teacher", self.teacher.num_layers)):
+            pick = (lambda m: list(m)) if side == "student" else (lambda m: list(m.values()))
+            if n is None:
+                continue
+            bad = [i for i in pick(obj.hidden.layer_map) if i > n]
+            check(not bad, "objective.hidden.layer_map", f"{side} residual-stream indices "
+                  f"{bad} exceed its num_layers={n} (valid: 0..{n})")
+            bad = [i for i in pick(obj.attention.layer_map) if i >= n]
+            check(not bad, "objective.attention.layer_map", f"{side} block indices {bad} "
+                  f"out of range for num_layers={n} (valid: 0..{n - 1})")
+
+    def _check_batch(self, data_parallel: int | None):
+        per_step = self.micro_batches * (data_parallel or 1)
+        where = f" × data parallelism {data_parallel}" if data_parallel else ""
+        check(self.global_batch_size % per_step == 0, "global_batch_size",
+              f"{self.global_batch_size} is not divisible by micro_batches "
+              f"{self.micro_batches}{where} = {per_step}; use a multiple of {per_step}")
+        eval_rows = self.eval.batch_size
+        check(eval_rows is None or not data_parallel or eval_rows % data_parallel == 0,
+              "eval.batch_size", f"{eval_rows} is not divisible by data parallelism "
+              f"{data_parallel}")
+
+    def check_devices(self, num_devices: int) -> tuple[int, int, int]:
+        """Mesh sizes for `num_devices`, after the batch rules that need them. Call it
+        before building anything (the -1 axis is only known here)."""
+        sizes = self.mesh.resolve(num_devices)
+        self._check_batch(sizes[0] * sizes[1])
+        return sizes
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per micro-batch (global, over all devices)."""
+        return self.global_batch_size // self.micro_batches
+
+    # ---- serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-able) that `config_from_dict` turns back into this."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """YAML text of `to_dict()`; also written to `path` when given."""
+        text = _schema.dump_yaml(self.to_dict())
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON of the whole config."""
+        return _schema.fingerprint(self.to_dict())
+
+    def replace(self, *overrides: str) -> Config:
+        """A copy with `key.sub=value` overrides applied (validated again)."""
+        return apply_overrides(self, list(overrides))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Builds and validates a `Config` from a nested dict (unknown keys are errors)."""
+    return _schema.build(Config, data, "")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` with `key.sub=value` overrides (values parsed as YAML) applied."""
+    data = config.to_dict()
+    for item in overrides:
+        _schema.set_override(Config, data, item)
+    return config_from_dict(data)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = ()) -> Config:
+    """Reads a YAML config (or starts empty when `path` is None), applies `key.sub=value`
+    overrides in order, and returns the validated `Config`.
+
+    Raises:
+      ConfigError (a ValueError): unknown key (naming the nearest valid one), bad type,
+        bad value or an inconsistent combination, with the key and the value seen.
+    """
+    data = _schema.read_yaml(path) if path is not None else {}
+    for item in overrides:
+        _schema.set_override(Config, data, item)
+    return config_from_dict(data)
+

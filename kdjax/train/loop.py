@@ -1,0 +1,214 @@
+"""`train(config) -> summary`: the distillation loop, top to bottom.
+
+    mesh → stores → student (+ online teacher) → objective → state (fresh or resumed)
+    → for step: batch_at(step) → train_step → log → [eval] → [checkpoint] → summary
+
+The data position is a pure function of the step (`Loader.batch_at`), the state holds
+step, params, optimizer state and RNG, and the step is deterministic, so a run killed at
+any point and resumed from its last checkpoint ends with the same parameters as an
+uninterrupted run. Extra behaviour plugs in through `hooks`: callables
+`hook(step, state, metrics)` run after every step (no subclassing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from kdjax.train import evaluate as ev
+from kdjax.train.checkpoint import Checkpointer, abstract_like
+from kdjax.train.config import Config
+from kdjax.train.metrics import RunLogger
+from kdjax.train.objective import objective_from_config
+from kdjax.train.state import OptimizerSpec, create_train_state, split_model
+from kdjax.train.step import make_train_step
+
+Hook = Callable[[int, Any, dict], None]
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive non-finite updates: training stopped."""
+
+
+def build_student(config: Config, mesh) -> nnx.Module:
+    """The student Decoder: from a HF directory (`model.path`) or random init (`model.init`)."""
+    from kdjax import models
+
+    m = config.model
+    if m.path is not None:
+        return models.from_pretrained(m.path, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype,
+                                      remat=m.remat)
+    return models.Decoder(m.decoder_config(), rngs=nnx.Rngs(config.seed))
+
+
+def build_teacher(path: str, dtype: str, mesh, remat: str = "full") -> tuple:
+    """`(graphdef, params, rest)` of a frozen teacher loaded from a HF directory."""
+    from kdjax import models
+
+    teacher = models.from_pretrained(path, mesh=mesh, dtype=dtype, param_dtype=dtype,
+                                     remat=remat)
+    return split_model(teacher)
+
+
+def optimizer_spec(config: Config) -> OptimizerSpec:
+    o = config.optimizer
+    return OptimizerSpec(learning_rate=o.lr, warmup_steps=o.warmup_steps,
+                         total_steps=config.steps, decay=o.decay, min_lr_ratio=o.min_lr_ratio,
+                         weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                         max_grad_norm=o.clip_norm)
+
+
+def _open_stores(config: Config, vocab_size: int):
+    from kdjax.data import open_token_store
+    from kdjax.teacher import open_teacher_store
+
+    train = open_token_store(config.data.train)
+    evals = open_token_store(config.data.eval) if config.data.eval else None
+    store = eval_store = None
+    if config.store.path:
+        store = open_teacher_store(config.store.path)
+        store.check_compatible(train, vocab_size=vocab_size)
+        if config.store.mode is not None and store.mode != config.store.mode:
+            raise ValueError(f"store.mode={config.store.mode!r} but {config.store.path} holds "
+                             f"a {store.mode!r} store; fix store.mode or point to another store")
+    if config.store.eval_path:
+        eval_store = open_teacher_store(config.store.eval_path)
+        eval_store.check_compatible(evals, vocab_size=vocab_size)
+    return train, evals, store, eval_store
+
+
+def _fingerprints(train, store) -> dict[str, str]:
+    out = {"token_store": str(train.fingerprint)}
+    if store is not None:
+        out["teacher_store"] = str(store.manifest.get("teacher_fingerprint"))
+    return out
+
+
+def make_evaluator(config: Config, mesh, state, eval_tokens, eval_store, teacher):
+    """`run_eval(state) -> dict of floats` over the first `eval.batches` eval batches."""
+    from kdjax.data import Loader
+
+    if eval_tokens is None:
+        return None
+    bs = config.eval.batch_size or config.global_batch_size
+    loader = Loader(eval_tokens, global_batch_size=bs, seed=config.seed, mesh=mesh,
+                    teacher_store=None if teacher is not None else eval_store, shuffle=False)
+    n = max(1, min(config.eval.batches, eval_tokens.num_rows // bs))
+    fn = ev.make_eval_fn(state.graphdef, mesh, teacher=teacher,
+                         store_manifest=None if teacher is not None or eval_store is None
+                         else eval_store.manifest)
+    return lambda st: ev.evaluate(fn, st.params["model"], st.rest,
+                                  (loader.batch_at(i) for i in range(n)))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `train` builds before the first step."""
+
+    mesh: Any
+    train_tokens: Any
+    store: Any
+    state: Any
+    loader: Any
+    train_step: Callable
+    run_eval: Callable | None
+
+
+def setup(config: Config) -> Run:
+    """Mesh, stores, student (+ online teacher), objective, fresh state, loader, step."""
+    from kdjax.data import Loader
+
+    config.check_devices(jax.device_count())
+    mesh = config.mesh.make()
+    student = build_student(config, mesh)
+    train_tokens, eval_tokens, store, eval_store = _open_stores(config,
+                                                                student.config.vocab_size)
+    teacher = (build_teacher(config.teacher.path, config.teacher.dtype, mesh,
+                             config.teacher.remat) if config.teacher.path else None)
+    objective = objective_from_config(config, store.manifest if store else None)
+    spec = optimizer_spec(config)
+    tx = spec.build()
+    state = create_train_state(student, tx, mesh=mesh, seed=config.seed,
+                               projections=objective.projection_shapes(
+                                   student.config.hidden_size,
+                                   _teacher_width(config, teacher, store)))
+    loader = Loader(train_tokens, global_batch_size=config.global_batch_size, seed=config.seed,
+                    mesh=mesh, teacher_store=store, prefetch=config.data.prefetch)
+    train_step = make_train_step(objective, tx, state=state, mesh=mesh,
+                                 batch_sharding=loader.sharding,
+                                 micro_batches=config.micro_batches,
+                                 lr_schedule=spec.schedule(), teacher=teacher)
+    run_eval = make_evaluator(config, mesh, state, eval_tokens, eval_store, teacher)
+    return Run(mesh, train_tokens, store, state, loader, train_step, run_eval)
+
+
+def train(config: Config, *, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Trains (or resumes) the run described by `config`; returns a summary dict.
+
+    Returns:
+      `{"run_dir", "steps", "resumed_from", "checkpoints", "final_checkpoint_step",
+      "train": last window means, "eval": last eval means, "metrics_jsonl",
+      "tensorboard", "curves_png", "nonfinite_skipped", "state": the final TrainState}`.
+    """
+    run = setup(config)
+    state, run_eval = run.state, run.run_eval
+    tokens_per_step = config.global_batch_size * run.train_tokens.seq_len
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(Checkpointer(config, _fingerprints(run.train_tokens,
+                                                                        run.store)))
+        start = ckpt.latest_step() or 0
+        if start:
+            state = ckpt.restore(abstract_like(state))
+        logger = RunLogger(config.run_dir, config.logging, total_steps=config.steps,
+                           start_step=start)
+        summary = {}
+        stack.callback(lambda: summary or logger.close())  # close the sinks on errors too
+        stack.enter_context(run.loader)
+        stack.enter_context(jax.set_mesh(run.mesh))
+        batches = run.loader.iter_from(start)
+        for step in range(start + 1, config.steps + 1):
+            state, metrics = run.train_step(state, next(batches))
+            logger.log_step(step, metrics, tokens=tokens_per_step)
+            _check_finite(metrics, config.optimizer.max_nonfinite, step)
+            for hook in hooks:
+                hook(step, state, metrics)
+            if run_eval and config.eval.every and step % config.eval.every == 0:
+                logger.log_eval(step, run_eval(state))
+            if ckpt.should_save(step) and step < config.steps:
+                ckpt.save(step, state)
+        final = run_eval(state) if run_eval else {}
+        if final:
+            logger.log_eval(config.steps, final)
+        if ckpt.latest_step() != config.steps:
+            ckpt.save(config.steps, state, wait=True)
+        summary.update(logger.close())
+        summary.update(run_dir=os.path.abspath(config.run_dir), steps=config.steps,
+                       resumed_from=start or None, checkpoints=ckpt.directory,
+                       final_checkpoint_step=ckpt.latest_step(), eval=final or summary["eval"],
+                       nonfinite_skipped=int(state.nonfinite_total), state=state)
+    return summary
+
+
+def _teacher_width(config: Config, teacher, store) -> int:
+    """Hidden size of the teacher states the hidden term matches (0 when unused)."""
+    if not config.objective.hidden.layer_map or config.objective.hidden.weight == 0:
+        return 0
+    if teacher is not None:
+        return int(nnx.merge(*[x for x in teacher if x is not None]).config.hidden_size)
+    return int(store.manifest["hidden_size"])
+
+
+def _check_finite(metrics: dict, limit: int, step: int) -> None:
+    """Stops after `limit` consecutive skipped updates (one host sync per step)."""
+    streak = int(metrics["nonfinite"])
+    if streak >= limit:
+        raise NonFiniteError(
+            f"{streak} consecutive non-finite updates (loss or gradient is NaN/inf) up to step "
+            f"{step}; the last {streak} updates were skipped. Lower optimizer.lr, check the "
+            "data and teacher store for NaNs, or raise optimizer.max_nonfinite.")

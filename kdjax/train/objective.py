@@ -1,0 +1,331 @@
+"""The distillation objective: one function from (params, batch) to a token-weighted loss.
+
+    loss = α·CE(student, targets) + (1 − α)·s·D(teacher ‖ student; T)
+           + w_h·Σ_layers hidden(h_s·P, h_t) + w_a·Σ_layers attention_kl(a_s, a_t)
+
+with s = T² when `t_squared` (Hinton et al., 2015) else 1, α and T optionally optax
+schedules of the step, D any divergence of the catalog. The teacher signal is either
+offline (rows of the teacher store merged into the batch as `teacher_*` keys) or online
+(a teacher `Decoder` run in the same step under `stop_gradient`). By default the
+student's logits never exist in full: `kdjax.losses.fused_distill` consumes the final
+hidden state and the lm_head chunk by chunk; `fused=False` is the naive reference.
+
+Every term is a `Weighted(sum, count)` over the batch's `loss_mask` tokens, so gradient
+accumulation and multi-host reduction divide once, at the end (see `step.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax import losses
+from kdjax.losses import divergences
+from kdjax.losses.reduce import Weighted, masked_sum_count
+
+Schedule = Callable[[jax.Array], jax.Array]
+TEACHER_SOURCES = ("store", "online", "none")
+HIDDEN_LOSSES = ("mse", "cosine")
+
+
+def at_step(value: float | Schedule, step: jax.Array) -> float | jax.Array:
+    """A static float as is, a schedule evaluated at the (traced) step."""
+    return value if isinstance(value, float) else value(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What to minimise; all fields static (hashable), built once per run.
+
+    Attributes:
+      divergence: catalog name (`kdjax.losses.DIVERGENCES`).
+      divergence_kwargs: extra static arguments as a tuple of (name, value) pairs.
+      alpha: weight of the hard-label CE in [0, 1] (float or schedule). α = 1 is plain
+        language-model training (no teacher needed).
+      temperature: T > 0 (float or schedule).
+      t_squared: multiply the divergence by T².
+      teacher_source: "store" (offline), "online" or "none".
+      store_manifest: the teacher store's manifest items (tuple of pairs) for offline KD.
+      fused: use the chunked fused kernel (default) instead of materialising logits.
+      chunk_size: vocabulary/token chunk of the fused kernel (None: its default).
+      hidden_layers: ((student_layer, teacher_layer), ...) for the hidden-state term.
+      hidden_loss: "mse" | "cosine"; hidden_weight: its weight; hidden_projection: learn
+        P `[H_s, H_t]` per pair (student params `params["proj"]["s_t"]`).
+      attention_layers: ((student_layer, teacher_layer), ...); attention_weight: weight.
+    """
+
+    divergence: str = "forward_kl"
+    divergence_kwargs: tuple[tuple[str, Any], ...] = ()
+    alpha: float | Schedule = 0.0
+    temperature: float | Schedule = 1.0
+    t_squared: bool = False
+    teacher_source: str = "store"
+    store_manifest: tuple[tuple[str, Any], ...] = ()
+    fused: bool = True
+    chunk_size: int | None = None
+    hidden_layers: tuple[tuple[int, int], ...] = ()
+    hidden_loss: str = "mse"
+    hidden_weight: float = 0.0
+    hidden_projection: bool = True
+    attention_layers: tuple[tuple[int, int], ...] = ()
+    attention_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.divergence not in divergences.DIVERGENCES:
+            raise ValueError(f"objective.divergence={self.divergence!r} is not in the catalog; "
+                             f"choose one of {list(divergences.DIVERGENCES)}")
+        if self.teacher_source not in TEACHER_SOURCES:
+            raise ValueError(f"objective.teacher_source={self.teacher_source!r}; choose one "
+                             f"of {TEACHER_SOURCES}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"objective.hidden_loss={self.hidden_loss!r}; choose one of "
+                             f"{HIDDEN_LOSSES}")
+        if isinstance(self.alpha, float) and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"objective.alpha={self.alpha} must lie in [0, 1]")
+        if isinstance(self.temperature, float) and not self.temperature > 0:
+            raise ValueError(f"objective.temperature={self.temperature} must be > 0")
+        if self.uses_teacher and self.teacher_source == "none":
+            raise ValueError("the objective needs a teacher (alpha < 1 or hidden/attention "
+                             "terms) but teacher_source='none'; set alpha=1.0 or a teacher")
+        if self.attention_layers and self.teacher_source != "online":
+            raise ValueError("attention terms need teacher_source='online' (the teacher "
+                             "store does not hold attention scores)")
+
+    @property
+    def kd_active(self) -> bool:
+        return not (isinstance(self.alpha, float) and self.alpha == 1.0)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_active or bool(self.hidden_layers) or bool(self.attention_layers)
+
+    def projection_shapes(self, student_hidden: int, teacher_hidden: int) -> dict[str, tuple]:
+        """Learned projections P `[H_s, H_t]` (student params) for each hidden-layer pair."""
+        if not self.hidden_projection:
+            return {}
+        return {f"{s}_{t}": (student_hidden, teacher_hidden) for s, t in self.hidden_layers}
+
+    def __call__(self, params: dict, batch: Mapping[str, jax.Array], *, graphdef,
+                 step: jax.Array, teacher: tuple | None = None, rest=None
+                 ) -> tuple[Weighted, dict[str, Weighted]]:
+        """The loss on one (micro-)batch.
+
+        Args:
+          params: `{"model": pure dict of student nnx.Params, "proj": {name: [H_s, H_t]}}`.
+          batch: `tokens, targets [B, L] int32`, `loss_mask [B, L] bool`, `segment_ids,
+            positions [B, L] int32`, and for offline KD the `teacher_*` arrays `[B, L, ...]`.
+          graphdef: the student's nnx GraphDef; rest: its non-Param state (or None).
+          step: the optimizer step (int32 scalar), for the α and T schedules.
+          teacher: `(graphdef, params, rest)` of an online teacher, or None.
+
+        Returns:
+          `(loss, metrics)`: loss as Weighted(Σ_tokens loss, Σ loss_mask) in f32, and
+          Weighted metrics "loss", "ce" and, when active, "kd", "hidden", "attention".
+          All terms share the count Σ loss_mask, so their weighted sum is the loss.
+        """
+        model = merge(graphdef, params["model"], rest)
+        out = model(batch["tokens"], segment_ids=batch["segment_ids"],
+                    positions=batch["positions"], return_logits=not self.fused,
+                    hidden_layers=tuple(sorted({s for s, _ in self.hidden_layers})),
+                    attention_layers=tuple(sorted({s for s, _ in self.attention_layers})))
+        t_out = self._online_teacher(batch, teacher) if self.teacher_source == "online" else None
+        alpha, temp = at_step(self.alpha, step), at_step(self.temperature, step)
+        scale = (1.0 - alpha) * (temp * temp if self.t_squared else 1.0)
+        if self.fused:
+            total, metrics = _fused_logit_terms(self, model, out, t_out, batch, alpha=alpha,
+                                                scale=scale, temperature=temp)
+        else:
+            metrics = _naive_logit_terms(self, out, t_out, batch, temperature=temp)
+            total = _combine(metrics, {"ce": alpha, "kd": scale})
+        mask = batch["loss_mask"]
+        if self.hidden_layers:
+            metrics["hidden"] = masked_sum_count(
+                _hidden_term(self, out, t_out, batch, params.get("proj", {})), mask)
+            total = _plus(total, _combine(metrics, {"hidden": self.hidden_weight}))
+        if self.attention_layers:
+            metrics["attention"] = masked_sum_count(_attention_term(self, out, t_out, batch),
+                                                    mask)
+            total = _plus(total, _combine(metrics, {"attention": self.attention_weight}))
+        metrics["loss"] = total
+        return total, metrics
+
+    def _online_teacher(self, batch, teacher):
+        if teacher is None:
+            raise ValueError("teacher_source='online' but no teacher model was given")
+        t_model = merge(*teacher)
+        t_out = t_model(batch["tokens"], segment_ids=batch["segment_ids"],
+                        positions=batch["positions"], return_logits=not self.fused,
+                        hidden_layers=tuple(sorted({t for _, t in self.hidden_layers})),
+                        attention_layers=tuple(sorted({t for _, t in self.attention_layers})))
+        # The teacher is a constant of the step: no gradient, no optimizer state.
+        fields = {f.name: jax.lax.stop_gradient(getattr(t_out, f.name))
+                  for f in dataclasses.fields(t_out)}
+        return dataclasses.replace(t_out, **fields), jax.lax.stop_gradient(t_model.lm_head())
+
+
+def merge(graphdef, params, rest=None):
+    """nnx.merge of a GraphDef with pure-dict params (and the non-Param rest, if any)."""
+    return nnx.merge(graphdef, params, *(() if rest is None else (rest,)))
+
+
+def _combine(metrics: dict[str, Weighted], weights: dict[str, Any]) -> Weighted:
+    """Σ_k w_k·sum_k over terms that share one count (the loss_mask tokens)."""
+    names = [k for k in weights if k in metrics]
+    total = sum(weights[k] * metrics[k].sum for k in names)
+    return Weighted(jnp.asarray(total, jnp.float32), metrics[names[0]].count)
+
+
+def _plus(a: Weighted, b: Weighted) -> Weighted:
+    """Adds two terms over the same tokens: sums add, the token count stays (not `a + b`,
+    which would count the tokens twice)."""
+    return Weighted(a.sum + b.sum, a.count)
+
+
+# ---------------------------------------------------------------- logit terms
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """`[B, L, ...]` → `[B·L, ...]`."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _store_teacher(obj: Objective, batch):
+    """The offline teacher signal of the batch as a fused-kernel teacher, flattened `[N, ...]`."""
+    from kdjax.teacher import teacher_from_batch
+
+    return teacher_from_batch(batch, dict(obj.store_manifest), flatten=True)
+
+
+def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperature):
+    """α·CE + scale·D through `fused_distill` (no `[N, V]` logits beyond one chunk)."""
+    from kdjax.losses import fused
+
+    hidden, mask, targets = _flat(out.hidden), _flat(batch["loss_mask"]), _flat(
+        batch["targets"])
+    lm_head = model.lm_head()
+    if not obj.kd_active:
+        logp = fused.fused_sequence_logprobs(hidden[None], lm_head, targets[None], mask[None])
+        ce = Weighted(-jnp.sum(logp).astype(jnp.float32),
+                      jnp.sum(mask.astype(jnp.float32)))
+        return ce, {"ce": ce}
+    if obj.teacher_source == "online":
+        (t, t_head) = t_out
+        teacher = fused.TeacherHead(_flat(t.hidden), t_head)
+    else:
+        teacher = _store_teacher(obj, batch)
+    # fused_distill returns D + ce_weight·CE; factor out `scale` so that the total is
+    # α·CE + scale·D. scale > 0 whenever α < 1; the floor only matters at α = 1 exactly.
+    safe = jnp.maximum(scale, 1e-6) if not isinstance(scale, float) else max(scale, 1e-6)
+    w, m = fused.fused_distill(hidden, lm_head, teacher, targets=targets, mask=mask,
+                               divergence=obj.divergence, temperature=temperature,
+                               ce_weight=alpha / safe, chunk_size=obj.chunk_size,
+                               **dict(obj.divergence_kwargs))
+    total = Weighted(safe * w.sum, w.count)
+    return total, {"ce": m["ce"], "kd": m["divergence"]}
+
+
+def _naive_logit_terms(obj, out, t_out, batch, *, temperature):
+    """Reference path: full `[B, L, V]` student logits and the catalog kernels."""
+    logits, mask = out.logits, batch["loss_mask"]
+    metrics = {"ce": masked_sum_count(divergences.cross_entropy(logits, batch["targets"]),
+                                      mask)}
+    if not obj.kd_active:
+        return metrics
+    kw = dict(obj.divergence_kwargs)
+    if obj.teacher_source == "online":
+        t_logits = t_out[0].logits[..., :logits.shape[-1]]  # padded teacher vocab rows
+        kd = divergences.divergence(obj.divergence, logits, t_logits, temperature=temperature,
+                                    **kw)
+    else:
+        kd = _naive_store_kd(obj, logits, batch, temperature=temperature)
+    metrics["kd"] = masked_sum_count(kd, mask)
+    return metrics
+
+
+def _naive_store_kd(obj, logits, batch, *, temperature):
+    """Per-token divergence to the stored signal, with the full student softmax `[B, L]`."""
+    mode = dict(obj.store_manifest).get("mode")
+    if mode == "dense":
+        return divergences.divergence(obj.divergence, logits, batch["teacher_logits"],
+                                      temperature=temperature, **dict(obj.divergence_kwargs))
+    if obj.divergence != "forward_kl":
+        raise ValueError(f"the naive path supports only forward_kl with a {mode!r} store, got "
+                         f"divergence={obj.divergence!r}; use fused=True or a dense store")
+    logq = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    ids = batch["teacher_ids"].astype(jnp.int32)
+    logq_ids = jnp.take_along_axis(logq, ids, axis=-1)
+    if mode == "sampled":
+        n = float(dict(obj.store_manifest)["num_samples"])
+        t_hat = batch["teacher_counts"].astype(jnp.float32) / n
+        live = t_hat > 0
+        log_t = jnp.log(jnp.where(live, t_hat, 1.0))
+        return jnp.sum(jnp.where(live, t_hat * (log_t - logq_ids), 0.0), axis=-1)
+    if mode == "topk":
+        logp = batch["teacher_logprobs"].astype(jnp.float32)
+        logp = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)  # renormalize
+        return jnp.sum(jnp.exp(logp) * (logp - logq_ids), axis=-1)
+    raise ValueError(f"unknown teacher store mode {mode!r}; expected dense | topk | sampled")
+
+
+# ---------------------------------------------------------------- hidden and attention
+
+
+def _teacher_hidden(t_out, batch, layer):
+    if t_out is not None:
+        return t_out[0].hidden_states[layer]
+    key = f"teacher_hidden_{layer}"
+    if key not in batch:
+        raise ValueError(f"hidden term needs teacher layer {layer}, but the batch has no "
+                         f"{key!r}; precompute the store with that layer, or go online")
+    return batch[key]
+
+
+def _hidden_term(obj: Objective, out, t_out, batch, proj) -> jax.Array:
+    """Σ over layer pairs of `hidden_mse` / `hidden_cosine` per token `[B, L]` (f32)."""
+    fn = losses.hidden_mse if obj.hidden_loss == "mse" else losses.hidden_cosine
+    return sum(fn(out.hidden_states[s], _teacher_hidden(t_out, batch, t), proj.get(f"{s}_{t}"))
+               for s, t in obj.hidden_layers)
+
+
+def _attention_term(obj: Objective, out, t_out, batch) -> jax.Array:
+    """Σ over layer pairs of `attention_kl` (MiniLM) per query token `[B, L]` (f32).
+
+    Keys outside the query's segment or in its future are removed from both softmaxes.
+    """
+    seg = batch["segment_ids"]
+    length = seg.shape[-1]
+    allowed = (seg[:, None, :, None] == seg[:, None, None, :]) & jnp.tril(
+        jnp.ones((length, length), bool))[None, None]
+    return sum(losses.attention_kl(out.attention_scores[s], t_out[0].attention_scores[t],
+                                   key_mask=allowed)
+               for s, t in obj.attention_layers)
+
+
+def objective_from_config(config, store_manifest: Mapping[str, Any] | None = None
+                          ) -> Objective:
+    """The Objective of a `kdjax.train.config.Config` (and the teacher store's manifest)."""
+    oc = config.objective
+    source = ("online" if config.teacher.path else
+              "store" if config.store.path else "none")
+    manifest = {k: store_manifest[k] for k in ("mode", "num_samples", "k", "temperature")
+                if store_manifest and k in store_manifest}
+    proj = oc.hidden.projection
+    return Objective(
+        divergence=oc.divergence, divergence_kwargs=tuple(sorted(oc.divergence_kwargs.items())),
+        alpha=oc.alpha_schedule.build(oc.alpha, config.steps),
+        temperature=oc.temperature_schedule.build(oc.temperature, config.steps),
+        t_squared=oc.t2_scaling, teacher_source=source,
+        store_manifest=tuple(sorted(manifest.items())), fused=oc.use_fused,
+        chunk_size=oc.chunk_size,
+        hidden_layers=tuple(sorted((int(s), int(t)) for s, t in oc.hidden.layer_map.items()))
+        if oc.hidden.weight > 0 else (),
+        hidden_loss=oc.hidden.loss, hidden_weight=oc.hidden.weight, hidden_projection=proj,
+        attention_layers=tuple(sorted((int(s), int(t))
+                                      for s, t in oc.attention.layer_map.items()))
+        if oc.attention.weight > 0 else (),
+        attention_weight=oc.attention.weight)

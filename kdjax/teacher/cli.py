@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from kdjax.distributed import add_distributed_args, initialize_from_args
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("precompute", help="run a teacher over a token store and write "
@@ -25,11 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens", help="token store directory")
     p.add_argument("--out", help="teacher store directory to write (resumable)")
     p.add_argument("--mode", choices=("sampled", "topk", "dense"))
-    p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() with auto-detected settings")
-    p.add_argument("--coordinator-address")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    add_distributed_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a setting, e.g. k=64 temperature=2.0 batch_size=32")
     p.set_defaults(func=run_precompute)
@@ -39,19 +37,6 @@ def add_parser(subparsers) -> None:
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--no-check", action="store_true", help="skip reading every chunk")
     q.set_defaults(func=run_inspect)
-
-
-def _init_distributed(args) -> None:
-    import jax
-
-    if args.num_processes is not None:
-        # CPU processes need a collectives backend for the cross-process barriers
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
 
 
 def run_precompute(args) -> int:
@@ -67,7 +52,7 @@ def run_precompute(args) -> int:
         print(f"kdjax precompute: missing {', '.join(missing)}; give them in --config or as "
               f"--{missing[0]} …", file=sys.stderr)
         return 2
-    _init_distributed(args)
+    initialize_from_args(args)
     from kdjax.teacher.precompute import precompute
 
     precompute(config)

@@ -23,6 +23,8 @@ import json
 import os
 import sys
 
+from kdjax.distributed import add_distributed_args, initialize_from_args
+
 TOKENIZER_FILES = (".model", ".tiktoken", ".jinja", "merges.txt", "vocab.json", "vocab.txt")
 OVERRIDES_HELP = "config overrides, e.g. optimizer.lr=3e-4 steps=500 (values are YAML)"
 
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--print-config", action="store_true",
                    help="validate and print the resolved config, then exit")
-    _add_distributed(p)
+    add_distributed_args(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     p.set_defaults(func=run_train)
 
@@ -43,7 +45,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("run_dir", help="run directory written by `kdjax train`")
     e.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _add_distributed(e)
+    add_distributed_args(e)
     e.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     e.set_defaults(func=run_eval)
 
@@ -56,29 +58,6 @@ def add_parser(subparsers) -> None:
     x.add_argument("--tokenizer", help="tokenizer directory to copy alongside (default: "
                    "the run's data.tokenizer)")
     x.set_defaults(func=run_export)
-
-
-def _add_distributed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() with auto-detected settings")
-    p.add_argument("--coordinator-address")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-
-
-def _init_distributed(args) -> None:
-    import jax
-
-    if args.num_processes is not None:
-        if args.coordinator_address is None or args.process_id is None:
-            raise SystemExit("--num-processes needs --process-id and --coordinator-address")
-        # CPU processes need a collectives backend for cross-process reductions
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
 
 
 def _fail(command: str, error: Exception) -> int:
@@ -106,7 +85,7 @@ def run_train(args) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    _init_distributed(args)
+    initialize_from_args(args)
     from kdjax.train.loop import train
 
     try:
@@ -160,7 +139,7 @@ def run_eval(args) -> int:
         config = _run_config(args.run_dir, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         return _fail("eval", e)
-    _init_distributed(args)
+    initialize_from_args(args)
     try:
         metrics = evaluate_checkpoint(config, step=args.step)
     except (ConfigError, FileNotFoundError) as e:

@@ -49,6 +49,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--run-n", type=int, nargs="+",
                    help="N values whose grid rows are timed (others: memory only); "
                         "default all")
+    p.add_argument("--run-h", type=int, nargs="+", help="H values timed (default all)")
+    p.add_argument("--run-v", type=int, nargs="+", help="V values timed (default all)")
+    p.add_argument("--run-dtype", nargs="+", choices=["f32", "bf16"],
+                   help="dtypes timed (default all)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--out", type=Path, help="markdown output (default results/losses.md, "
                    "or results/losses_quick.md with --quick); the PNG goes beside it")

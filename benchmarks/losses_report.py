@@ -79,13 +79,17 @@ def target_lines(rows, peaks):
         parts = [p for p in parts if p]
         if parts:
             out.append(f"- {tag}: " + "; ".join(parts))
-    fused_mem = sorted((r["N"], r["temp"]) for r in rows
-                       if r["section"] == "grid" and r["name"] == "fused")
-    if len(fused_mem) >= 2:
-        (n0, m0), (n1, m1) = fused_mem[0], fused_mem[-1]
-        out.append(f"- fused temp memory N={n0} → N={n1}: {m0 / MIB:,.0f} → {m1 / MIB:,.0f} MiB "
-                   f"(+{(m1 - m0) / MIB:,.0f} MiB; a term in N·V would add "
-                   f"{(n1 - n0) * _first(rows, 'V') * 4 / MIB:,.0f} MiB per f32 [N,V] array)")
+    groups: dict = {}
+    for r in rows:
+        if r["section"] == "grid" and r["name"] == "fused":
+            groups.setdefault((r["H"], r["V"], r["dtype"]), []).append((r["N"], r["temp"]))
+    for (h, v, dtype), fused_mem in groups.items():
+        if len(fused_mem) < 2:
+            continue
+        (n0, m0), (n1, m1) = min(fused_mem), max(fused_mem)
+        out.append(f"- fused temp memory H={h} V={v} {dtype}, N={n0} → N={n1}: "
+                   f"{m0 / MIB:,.0f} → {m1 / MIB:,.0f} MiB (+{(m1 - m0) / MIB:,.0f} MiB; a term "
+                   f"in N·V would add {(n1 - n0) * v * 4 / MIB:,.0f} MiB per f32 [N,V] array)")
     jt = _ratio(_find(rows, "jsd", "TRL generalized_jsd_loss (torch)"),
                 _find(rows, "jsd", "fused jsd"))
     jn = _ratio(_find(rows, "jsd", "TRL generalized_jsd_loss (torch)"),
@@ -110,13 +114,17 @@ def _first(rows, key):
 def markdown(rows, peaks, args, argv):
     """The `## Loss kernels` section for benchmarks/README.md (results/losses*.md)."""
     cmd = "python benchmarks/losses.py " + " ".join(argv)
-    ran = sorted({r["N"] for r in rows if r["section"] == "grid" and r["time"] is not None})
+    ran = sorted({(r["N"], r["H"], r["V"], r["dtype"]) for r in rows
+                  if r["section"] == "grid" and r["time"] is not None})
+    ran = ", ".join(f"N={n} H={h} V={v} {d}" for n, h, v, d in ran) or "none"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "## Loss kernels" + (" (quick)" if args.quick else ""), "",
         f"Command: `{cmd.strip()}` (same as `kdjax bench {' '.join(['losses', *argv])}`)", "",
-        f"Machine: {environment()}. The CPU was shared with other jobs while this ran, so "
-        "absolute times are noisy; every ratio below compares rows measured in the same run. "
-        f"Median of {args.repeats} runs after a warm-up. Timed grid points: N ∈ {ran}; "
+        f"Machine: {environment()}; load average when the report was written {load} "
+        "(1/5/15 min; about 2 is this benchmark alone, more means other jobs shared the CPU "
+        "and absolute times are noisy). Every ratio below compares rows measured in the same "
+        f"run. Median of {args.repeats} runs after a warm-up. Timed grid points: {ran}; "
         "other points report compiled memory only. Memory = XLA compiled temp size "
         "(`memory_analysis()`); torch rows have no compiled memory. GFLOP/s counts the "
         "6·N·H·V matmul FLOPs (+2·N·H_t·V for the online teacher).",

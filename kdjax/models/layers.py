@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdjax import linalg
 from kdjax.sharding import constrain
 
 INIT_STD = 0.02  # transformers' default initializer_range for these families
@@ -36,6 +37,9 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
     return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+_matmul2d = linalg.matmul
+
+
 def project(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`einsum(spec, x, kernel)`; when the spec contracts x's trailing axes with the
     kernel's leading axes (`"blh,hm->blm"`, `"blh,hnd->blnd"`, `"blnd,ndh->blh"`), it is
@@ -45,7 +49,8 @@ def project(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     contract two axes (batch, length) and materializes transposed copies of the
     activation gradients for them (~40% of a SwiGLU MLP's fwd+bwd time, see
     benchmarks/results/model.md); the 2-D form's gradients are plain `xᵀ @ dy` dots.
-    Same values; the reshapes merge adjacent row-major axes (bitcasts).
+    Same values; the reshapes merge adjacent row-major axes (bitcasts). The 2-D matmul's
+    weight gradient goes through `kdjax.linalg.matmul` (a faster dot form on XLA:CPU).
     """
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
@@ -56,7 +61,8 @@ def project(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
         if (rhs[:n_contract] == contract and out == lead + rhs[n_contract:]
                 and len(set(lhs + rhs)) == len(lead) + len(rhs)):
             rows, kdim = math.prod(x.shape[:len(lead)]), math.prod(kernel.shape[:n_contract])
-            y = x.reshape(rows, kdim) @ kernel.reshape(kdim, math.prod(kernel.shape[n_contract:]))
+            y = _matmul2d(x.reshape(rows, kdim),
+                          kernel.reshape(kdim, math.prod(kernel.shape[n_contract:])))
             return y.reshape(x.shape[:len(lead)] + kernel.shape[n_contract:])
     return jnp.einsum(spec, x, kernel)
 

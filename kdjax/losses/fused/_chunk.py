@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from kdjax import linalg
 from kdjax.losses.fused import _teacher_terms, _vocab
 
 F32 = jnp.float32
@@ -87,5 +88,5 @@ def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec
         dz = dz * dcap
     dz = dz.astype(h.dtype)  # bf16 inputs: bf16 matmuls with f32 accumulation
     dh = _vocab.psum(jnp.dot(dz, w_mat.T, preferred_element_type=F32), axis)
-    dw = jnp.dot(h.T, dz, preferred_element_type=F32)
+    dw = linalg.weight_grad(h, dz, preferred_element_type=F32)  # fast form on XLA:CPU
     return jnp.stack(parts), dh, dw

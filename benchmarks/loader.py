@@ -6,7 +6,7 @@ Builds a synthetic token store (L tokens/row) and a sampled-teacher-like store
      (files read once beforehand so they are cached) into a reused buffer, in bytes/s
      (and, for reference, into freshly allocated arrays);
   2. loader: `Loader.local_batch(step)` (the host side: the shuffled rows of both stores
-     through the fast pread + crc32c path of kdjax.storage.shardread, + targets/positions)
+     through the fast preadv + crc32c path of kdjax.storage.shardread, + targets/positions)
      and `batch_at(step)` (plus the global jax.Arrays), in rows/s and stored bytes/s; and,
      for comparison, `local_batch` with every array read by tensorstore (stores opened
      with KDJAX_FAST_READ=0, the reader before shardread);
@@ -15,11 +15,15 @@ Builds a synthetic token store (L tokens/row) and a sampled-teacher-like store
 
   python benchmarks/loader.py            # full (~2 min)
   python benchmarks/loader.py --quick    # seconds
+  # A/B against another version of the row reader, alternating step by step in one run:
+  git show 5d1e9ed:kdjax/storage/shardread.py > /tmp/shardread_ref.py  # before issue 5
+  python benchmarks/loader.py --ab-reader /tmp/shardread_ref.py --out /tmp/loader_ab.md
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -73,6 +77,18 @@ def open_tensorstore_only(root: Path):
             del os.environ["KDJAX_FAST_READ"]
         else:
             os.environ["KDJAX_FAST_READ"] = old
+
+
+def open_with_reader(root: Path, module_file: str):
+    """The same stores, with every fast row reader replaced by the `ShardRowReader` of
+    the module file `module_file` (another version of kdjax/storage/shardread.py)."""
+    spec = importlib.util.spec_from_file_location("kdjax_ab_shardread", module_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tokens, teacher = open_token_store(root / "tokens"), open_row_store(root / "teacher")
+    for rows in (tokens._rows, teacher):  # (private: a benchmark-only swap)
+        rows._readers = {n: mod.ShardRowReader.of(a) for n, a in rows.arrays.items()}
+    return tokens, teacher
 
 
 def chunk_files(root: Path) -> list[Path]:
@@ -165,7 +181,7 @@ def make_train_step(width: int):
     return params, step
 
 
-def measure(args, files, stores, ts_stores) -> dict[str, float]:
+def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
     """All timings, in `args.rounds` interleaved rounds (other processes on a shared
     machine then slow every measurement alike); medians over rounds, and for each loader
     read the median over rounds of (its bytes/s ÷ that round's ceiling) as `ratio_<name>`
@@ -175,6 +191,10 @@ def measure(args, files, stores, ts_stores) -> dict[str, float]:
                     teacher_store=stores[1], prefetch=2)
     loader_ts = Loader(ts_stores[0], global_batch_size=args.batch, seed=0, mesh=mesh,
                        teacher_store=ts_stores[1], prefetch=2)
+    hosts = {"host": loader, "host_ts": loader_ts}
+    if ab_stores is not None:
+        hosts["host_ab"] = Loader(ab_stores[0], global_batch_size=args.batch, seed=0,
+                                  mesh=mesh, teacher_store=ab_stores[1], prefetch=2)
     params, step = make_train_step(args.width)
     fixed = loader.batch_at(0)
     it = loader.iter_from(0)
@@ -186,9 +206,9 @@ def measure(args, files, stores, ts_stores) -> dict[str, float]:
                 ("ceiling", read_ceiling(files, repeats=3)),
                 ("fresh", read_fresh(files, repeats=1)),
                 # after (fast reader) and before (tensorstore), alternating step by step
-                *zip(("host", "host_ts"), time_alternating(
-                    (lambda s, b=base: loader.local_batch(b + s),
-                     lambda s, b=base: loader_ts.local_batch(b + s)), n)),
+                *zip(hosts, time_alternating(
+                    [lambda s, b=base, h=h: h.local_batch(b + s) for h in hosts.values()],
+                    n)),
                 ("batch_at", time_steps(lambda s, b=base: loader.batch_at(b + s), n)),
                 ("mem", time_steps(lambda s: step(params, fixed), n)),
                 ("real", time_steps(lambda s: step(params, next(it)), n)),
@@ -197,7 +217,7 @@ def measure(args, files, stores, ts_stores) -> dict[str, float]:
             out.setdefault(f"{name}_cpu", []).append(value[1])
     loader.close()
     med = {k: statistics.median(v) for k, v in out.items()}
-    for k in ("host", "host_ts", "batch_at", "prefetched"):  # seconds per step → ratio
+    for k in (*hosts, "batch_at", "prefetched"):  # seconds per step → ratio
         for c in ("", "_cpu"):
             med[f"ratio_{k}{c}"] = statistics.median(
                 args.batch * args.row_bytes / (sec * ceil)
@@ -218,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--width", type=int, default=128, help="train-like step hidden size")
     p.add_argument("--dir", help="where to build the stores (default: a temp dir)")
+    p.add_argument("--ab-reader", help="also time `local_batch` with the row reader of this "
+                   "shardread.py file (extra row, alternating with the others)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.md"))
     args = p.parse_args(argv)
     if args.quick:
@@ -233,7 +255,8 @@ def main(argv=None) -> int:
     row_bytes = args.row_bytes = disk / args.rows
     print(f"built {args.rows} rows ({disk / 2**20:.1f} MiB, {row_bytes / 1024:.1f} KiB/row) "
           f"in {time.perf_counter() - t0:.1f}s")
-    m = measure(args, files, (store, teacher), open_tensorstore_only(root))
+    ab = open_with_reader(root, args.ab_reader) if args.ab_reader else None
+    m = measure(args, files, (store, teacher), open_tensorstore_only(root), ab)
     text = report(args, m, row_bytes, argv)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +287,8 @@ def report(args, m: dict[str, float], row_bytes: float, argv) -> str:
          *mib("fresh_cpu")),
         row("before: loader host read, every array through tensorstore", "host_ts"),
         row("loader host read (`local_batch`)", "host"),
+        *([row(f"A/B: loader host read with the reader of `{args.ab_reader}`", "host_ab")]
+          if "host_ab" in m else []),
         row("loader + global arrays (`batch_at`)", "batch_at"),
         row("loader alone via `iter_from` (prefetch thread)", "prefetched"),
         ("train-like step, in-memory batch", *ms("mem", ""), *ms("mem", "_cpu")),

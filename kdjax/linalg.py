@@ -14,14 +14,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Below this many output elements the plain form was as fast or faster on one core
+# (e.g. [1024,384]ᵀ·[1024,384]), and the transpose copy is pure overhead.
+_MIN_OUTPUT = 2**18
 
-def _pin_transpose() -> bool:
-    return jax.default_backend() == "cpu"
+
+def _pin_transpose(k: int, m: int) -> bool:
+    return k * m >= _MIN_OUTPUT and jax.default_backend() == "cpu"
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, preferred_element_type=None) -> jax.Array:
     """`xᵀ @ dy` for `x [N, K]`, `dy [N, M]` → `[K, M]`."""
-    xt = lax.optimization_barrier(x.T) if _pin_transpose() else x.T
+    xt = lax.optimization_barrier(x.T) if _pin_transpose(x.shape[1], dy.shape[1]) else x.T
     return jnp.dot(xt, dy, preferred_element_type=preferred_element_type)
 
 

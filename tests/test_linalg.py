@@ -52,11 +52,13 @@ def test_under_remat_dots_policy(rng):
 def test_cpu_weight_grad_is_compiled_without_dim0_contraction():
     # The reason the module exists: XLA folds a bare transpose back into a dot that
     # contracts dimension 0 of both operands (the slow form on XLA:CPU).
-    x, dy = jnp.ones((64, 32)), jnp.ones((64, 48))
+    x, dy = jnp.ones((64, 512)), jnp.ones((64, 1024))  # output above linalg._MIN_OUTPUT
     ours = jax.jit(linalg.weight_grad).lower(x, dy).compile().as_text()
     plain = jax.jit(lambda a, b: a.T @ b).lower(x, dy).compile().as_text()
     assert "lhs_contracting_dims={0}" in plain  # the yardstick still shows the slow form
     assert "lhs_contracting_dims={0}" not in ours and "lhs_contracting_dims={1}" in ours
+    small = jax.jit(linalg.weight_grad).lower(x[:, :32], dy[:, :48]).compile().as_text()
+    assert "lhs_contracting_dims={0}" in small  # small outputs keep the plain form
 
 
 def test_sharded_rows_match_single_device(rng):

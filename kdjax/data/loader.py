@@ -6,7 +6,7 @@ function of (seed, step, B, N): resuming needs only the step, and survives a cha
 host count; within an epoch no row repeats or is skipped (a batch may straddle two
 epochs). Each process reads only the rows its addressable devices hold (from the batch
 sharding's device → index map) — token store then teacher store, each one batched read
-(kdjax.storage's pread + crc32c row reader; tensorstore for other layouts) — and builds
+(kdjax.storage's preadv + crc32c row reader; tensorstore for other layouts) — and builds
 global arrays with `jax.make_array_from_process_local_data`. `iter_from(step)` prefetches
 a few steps in a background thread; its errors are re-raised in the caller.
 """
@@ -98,10 +98,11 @@ class Loader:
         `mask_wrapped`, rows past the end of epoch 0 get loss_mask False (for eval)."""
         positions = step * self.batch_size + self.local_positions
         rows = self.rows_at(step)[self.local_positions]
-        # One store after the other, on this thread: the reads are many short GIL-free
-        # syscalls and crc32c calls, and a second reader thread made the pair ~4× slower
-        # on a busy 2-core host (each GIL hand-back waits for the other thread's switch
-        # interval). `iter_from` already overlaps reading with the training step.
+        # One store after the other, on this thread: the reads are many short syscalls
+        # (GIL released) between crc32c calls (GIL held: google-crc32c releases it only
+        # for bytes >= 1 MiB), and reading the teacher store on a second thread made
+        # `local_batch` ~1.8× slower and cost ~2× the CPU on a 2-core host (GIL
+        # hand-offs). `iter_from` already overlaps reading with the training step.
         batch = dict(self.store.read(rows))
         if self.teacher is not None:
             for k, v in self.teacher.read(rows).items():

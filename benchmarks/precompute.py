@@ -1,6 +1,8 @@
 """Teacher precompute: pipeline throughput vs the bare teacher forward, and bytes per token.
 
-In one run:
+In one run, per teacher shape (`--teacher`: "toy" — hidden 512, 4 layers, the LM head
+~57% of the forward FLOPs at V=32k — and "deep" — hidden 1024, 16 layers, LM head ~15%,
+nearer real teachers, e.g. ~7% for Llama-3-8B):
   1. forward-only: the jitted teacher forward (logits left on device) on device-resident
      batches, median step time → tokens/s (the ceiling for precompute);
   2. forward + signal: the jitted precompute step (forward, then sampling / top-k / cast)
@@ -8,12 +10,14 @@ In one run:
   3. precompute: `kdjax.teacher.precompute` over a synthetic token store per mode (token
      reads, forward, signal, device→host, background shard writes, ledger), steady-state
      tokens/s after compilation; ratios against 1 (target ≥ 0.9) and 2 (the pipeline's
-     own overhead). 1–3 run back to back per mode and repeat; medians are reported;
+     own overhead). 1–3 run back to back per mode and repeat; medians are reported, and
+     for 1 and 2 also the ratio of their CPU times (less sensitive to other jobs);
   4. bytes per token of each mode at V = 32,000 / 128,256 / 151,936 (Llama 2 / Llama 3 /
      Qwen2.5): the stored signal from the store layout, and the measured size on disk of
      a real store written at V = 151,936.
 
-  python benchmarks/precompute.py            # full (a few minutes on a CPU)
+  python benchmarks/precompute.py            # full (~10 minutes on 2 CPU cores)
+  python benchmarks/precompute.py --teacher toy   # the small teacher only
   python benchmarks/precompute.py --quick    # seconds
 """
 
@@ -43,6 +47,10 @@ from kdjax.teacher import PrecomputeConfig, precompute
 from kdjax.teacher.step import build_step
 from kdjax.teacher.store import array_layout, disk_bytes, signal_bytes_per_token
 
+TEACHERS = {  # shape and batch of each benchmarked teacher
+    "toy": dict(hidden=512, layers=4, rows=32, batch_size=8),
+    "deep": dict(hidden=1024, layers=16, rows=16, batch_size=4),
+}
 VOCABS = {"Llama 2 (32k)": 32_000, "Llama 3 (128k)": 128_256, "Qwen2.5 (152k)": 151_936}
 MODES = {  # label: PrecomputeConfig fields
     "sampled N=64 U=32": dict(mode="sampled", num_samples=64, num_slots=32),
@@ -78,15 +86,28 @@ def teacher(vocab: int, hidden: int, layers: int) -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(0))
 
 
-def _rate(fn, args, tokens: int, repeats: int) -> float:
-    """Warm tokens/s of a jitted fn (median of repeats, block_until_ready)."""
+def lm_head_share(model: Decoder, seq_len: int) -> float:
+    """The LM head's share of the forward's matmul FLOPs per token (attention scores over
+    the full row, as computed)."""
+    c = model.config
+    kv = c.num_kv_heads * c.head_dim
+    layer = (2 * c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * kv)
+             + 6 * c.hidden_size * c.intermediate_size + 4 * seq_len * c.num_heads * c.head_dim)
+    head = 2 * c.hidden_size * c.vocab_size
+    return head / (head + c.num_layers * layer)
+
+
+def _rate(fn, args, tokens: int, repeats: int) -> tuple[float, float]:
+    """Warm tokens/s of a jitted fn (median of repeats, block_until_ready), by wall-clock
+    and by process CPU time."""
     jax.block_until_ready(fn(*args))
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return tokens / statistics.median(times)
+        cpu.append(time.process_time() - c)
+    return tokens / statistics.median(times), tokens / statistics.median(cpu)
 
 
 def device_batch(store, mesh, batch: int):
@@ -108,43 +129,57 @@ def forward_fn(model, sharding):
     return jax.jit(forward, out_shardings=sharding), state
 
 
-def throughput(args, root: Path) -> list[str]:
+def throughput(args, root: Path, name: str) -> list[str]:
     """Per mode, back to back (so machine load drifts little between them): the bare
     forward, forward + signal (the jitted precompute step on device-resident inputs) and
     the whole precompute pipeline."""
+    shape = {k: getattr(args, k) if getattr(args, k) is not None else v
+             for k, v in TEACHERS[name].items()}
+    hidden, layers, n_rows, batch_size = (shape[k] for k in ("hidden", "layers", "rows",
+                                                               "batch_size"))
     mesh = make_mesh()
-    model = teacher(args.vocab, args.hidden, args.layers)
-    store = token_store(root / "tokens", args.rows, args.seq_len, args.vocab)
-    sharding, batch = device_batch(store, mesh, args.batch_size)
-    tokens = args.batch_size * args.seq_len
+    model = teacher(args.vocab, hidden, layers)
+    store = token_store(root / f"tokens-{name}", n_rows, args.seq_len, args.vocab)
+    sharding, batch = device_batch(store, mesh, batch_size)
+    tokens = batch_size * args.seq_len
     with jax.set_mesh(mesh):
         fwd, state = forward_fn(model, sharding)
         mem = fwd.lower(state, *batch).compile().memory_analysis()
-    lines = [f"teacher: V={args.vocab}, hidden={args.hidden}, layers={args.layers}; "
-             f"{args.rows} rows × L={args.seq_len}, batch {args.batch_size}, "
-             f"{len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)",
+    lines = [f"#### Teacher `{name}`", "",
+             f"teacher: V={args.vocab}, hidden={hidden}, layers={layers}, "
+             f"intermediate={model.config.intermediate_size} (LM head "
+             f"{lm_head_share(model, args.seq_len):.0%} of the forward FLOPs); {n_rows} rows "
+             f"× L={args.seq_len}, batch {batch_size}, "
+             f"{len(mesh.devices.flat)} {jax.devices()[0].platform} device(s); "
+             f"load average at start {os.getloadavg()[0]:.2f}",
              f"forward-only compiled temp memory {mem.temp_size_in_bytes:,} bytes", "",
              "| mode | forward-only tok/s | forward+signal tok/s | precompute tok/s | "
-             "precompute / forward | precompute / (forward+signal) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    rows = jnp.arange(args.batch_size, dtype=jnp.int32)
+             "precompute / forward | precompute / (forward+signal) | "
+             "(forward+signal) / forward, CPU time |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
     for label in args.modes:
-        cfg = PrecomputeConfig(tokens="", batch_size=args.batch_size,
-                               shard_rows=args.shard_rows, teacher_fingerprint="bench",
-                               progress=False, **MODES[label])
-        f_rates, s_rates, p_rates = [], [], []
+        cfg = PrecomputeConfig(tokens="", batch_size=batch_size,
+                               shard_rows=min(args.shard_rows, n_rows),
+                               teacher_fingerprint="bench", progress=False, **MODES[label])
+        f_rates, s_rates, p_rates, cpu_ratios = [], [], [], []
         for r in range(args.repeats):
             with jax.set_mesh(mesh):
-                f_rates.append(_rate(fwd, (state, *batch), tokens, 3))
+                f_wall, f_cpu = _rate(fwd, (state, *batch), tokens, 3)
                 step, st = build_step(model, cfg, sharding, ())
-                s_rates.append(_rate(step, (st, *batch, rows), tokens, 3))
-            out = str(root / f"{label}-{r}")
+                s_wall, s_cpu = _rate(step, (st, *batch, rows), tokens, 3)
+            f_rates.append(f_wall)
+            s_rates.append(s_wall)
+            cpu_ratios.append(s_cpu / f_cpu)
+            out = str(root / f"{name}-{label}-{r}")
             p_rates.append(precompute(dataclasses.replace(cfg, out=out), model=model,
                                       token_store=store, mesh=mesh)["steady_tokens_per_s"])
-        f, sg, pre = (statistics.median(x) for x in (f_rates, s_rates, p_rates))
+        f, sg, pre, cr = (statistics.median(x) for x in (f_rates, s_rates, p_rates,
+                                                          cpu_ratios))
         lines.append(f"| {label} | {f:,.0f} | {sg:,.0f} | {pre:,.0f} | {pre / f:.2f} | "
-                     f"{pre / sg:.2f} |")
+                     f"{pre / sg:.2f} | {cr:.2f} |")
         print(lines[-1], flush=True)
+    lines += ["", f"load average at end {os.getloadavg()[0]:.2f}", ""]
     return lines
 
 
@@ -178,11 +213,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
     p.add_argument("--vocab", type=int, default=32_000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--teacher", nargs="+", default=list(TEACHERS), choices=list(TEACHERS),
+                   help="teacher shapes to benchmark (see TEACHERS)")
+    p.add_argument("--hidden", type=int, help="override the teachers' hidden size")
+    p.add_argument("--layers", type=int, help="override the teachers' layer count")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rows", type=int, help="override the teachers' row count")
+    p.add_argument("--batch-size", type=int, help="override the teachers' batch size")
     p.add_argument("--shard-rows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--disk-len", type=int, default=64, help="row length of the disk stores")
@@ -193,8 +230,9 @@ def main() -> None:
     if args.quick:
         args.vocab, args.hidden, args.layers, args.seq_len = 4096, 128, 2, 64
         args.rows, args.repeats, args.disk_len, args.shard_rows = 16, 1, 8, 8
+        args.teacher = args.teacher[:1]
     with tempfile.TemporaryDirectory() as tmp:
-        lines = throughput(args, Path(tmp))
+        lines = [line for name in args.teacher for line in throughput(args, Path(tmp), name)]
         table = bytes_table(args, Path(tmp))
     cmd = " ".join(["python benchmarks/precompute.py", *map(shlex.quote, sys.argv[1:])])
     text = "\n".join(["## Teacher precompute" + (" (quick)" if args.quick else ""), "",

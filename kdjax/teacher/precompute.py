@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from kdjax.sharding import data_parallel_size, logical_to_spec, make_mesh
 from kdjax.storage import ShardLedger, fingerprint_dir
 from kdjax.storage.rowstore import RowStoreWriter
+from kdjax.teacher import signal as _signal
 from kdjax.teacher import store as _store
 from kdjax.teacher.config import PrecomputeConfig
 from kdjax.teacher.progress import Progress, summary_lines
@@ -49,6 +50,7 @@ def _metadata(config: PrecomputeConfig, tokens, mcfg, layers, teacher_fp: str) -
     """The manifest fields that define the store's content (part of the writer's plan)."""
     mode = config.mode
     meta = {"store_format": _store.FORMAT, "store_format_version": _store.FORMAT_VERSION,
+            "signal_version": _signal.SIGNAL_VERSION,
             "mode": mode, "vocab_size": int(mcfg.vocab_size),
             "tokenizer_vocab_size": int(tokens.vocab_size), "seq_len": int(tokens.seq_len),
             "temperature": float(config.temperature),

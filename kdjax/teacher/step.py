@@ -13,6 +13,12 @@ from jax.sharding import NamedSharding
 from kdjax.teacher import signal
 from kdjax.teacher.config import PrecomputeConfig
 
+# Positions (per device) whose logits are computed and reduced to the signal at once. On 2
+# CPU cores (benchmarks/results/precompute.md) 128 tokens keep a [chunk, 32k] f32 block in
+# L3 but re-pack the LM head per chunk too often (a 1024-wide teacher lost ~10%); 512 spill
+# the block; 256 was best for both benchmarked teachers.
+CHUNK_TOKENS = 256
+
 
 def normalize_layers(layers, num_layers: int) -> tuple[int, ...]:
     """Residual-stream indices in [0, num_layers] (negatives count from the end), sorted."""
@@ -27,7 +33,7 @@ def normalize_layers(layers, num_layers: int) -> tuple[int, ...]:
 
 
 def build_step(model, config: PrecomputeConfig, batch_sharding: NamedSharding,
-               hidden_layers: tuple[int, ...]):
+               hidden_layers: tuple[int, ...], chunk_tokens: int = CHUNK_TOKENS):
     """Returns `(step, state)`: `step(state, tokens, segment_ids, positions, rows)` → dict.
 
     Inputs are `[B, L]` int32 (rows `[B]` int32, the token-store row of each batch row,
@@ -36,38 +42,46 @@ def build_step(model, config: PrecomputeConfig, batch_sharding: NamedSharding,
     statistics `mass, distinct, dropped` `[B, L]`. The model is split into (graph, state)
     so its weights are an argument of the jitted function, not constants baked into it;
     the jitted step is cached on (graph, signal settings, sharding), so a rerun in the
-    same process (resume, benchmark repeats) does not compile again.
+    same process (resume, benchmark repeats) does not compile again. Sampled and top-k
+    logits are computed `chunk_tokens` positions per device at a time (never all `[B, L,
+    V]` at once); dense mode stores the logits, so it computes them whole.
     """
     graphdef, state = nnx.split(model)
     key = (config.mode, config.k, config.num_samples, config.num_slots,
            float(config.temperature), int(config.seed), config.dense_dtype,
-           config.hidden_dtype)
+           config.hidden_dtype, int(chunk_tokens))
     return _jitted_step(graphdef, key, batch_sharding, tuple(hidden_layers)), state
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_step(graphdef, key, batch_sharding, hidden_layers):
-    mode, k, num_samples, num_slots, temperature, seed, dense_dtype, hidden_dtype = key
+    (mode, k, num_samples, num_slots, temperature, seed, dense_dtype, hidden_dtype,
+     chunk_tokens) = key
 
     def step(state, tokens, segment_ids, positions, rows):
         teacher = nnx.merge(graphdef, state)
+        dense = mode == "dense"
         out = teacher(tokens, segment_ids=segment_ids, positions=positions,
-                      return_logits=True, hidden_layers=hidden_layers)
-        logits = out.logits
-        shape = logits.shape[:2]
-        if mode == "sampled":
-            sig = signal.sampled_signal(logits, signal.row_keys(seed, rows),
-                                        num_samples=num_samples, num_slots=num_slots,
-                                        temperature=temperature)
-        elif mode == "topk":
-            sig = signal.topk_signal(logits, k=k, temperature=temperature)
-            sig["distinct"] = jnp.full(shape, k, jnp.int32)
-            sig["dropped"] = jnp.zeros(shape, jnp.int32)
-        else:
+                      return_logits=dense, hidden_layers=hidden_layers)
+        shape = tokens.shape
+        if dense:
+            logits = out.logits
             sig = signal.dense_signal(logits, jnp.dtype(dense_dtype))
             sig.update(mass=jnp.ones(shape, jnp.float32),
                        distinct=jnp.full(shape, logits.shape[-1], jnp.int32),
                        dropped=jnp.zeros(shape, jnp.int32))
+        else:
+            # logits and signal a chunk of positions at a time: [B, L, V] logits never
+            # go to memory (see signal.chunked_signal)
+            local_batch = batch_sharding.shard_shape(shape)[0]
+            sig = signal.chunked_signal(
+                out.hidden, teacher.lm_head(), mode,
+                keys=signal.row_keys(seed, rows) if mode == "sampled" else None,
+                k=k, num_samples=num_samples, num_slots=num_slots, temperature=temperature,
+                chunk_len=max(1, chunk_tokens // local_batch))
+            if mode == "topk":
+                sig["distinct"] = jnp.full(shape, k, jnp.int32)
+                sig["dropped"] = jnp.zeros(shape, jnp.int32)
         for h in hidden_layers:
             sig[f"hidden_{h}"] = out.hidden_states[h].astype(jnp.dtype(hidden_dtype))
         return sig

@@ -185,6 +185,19 @@ def test_second_writer_and_changed_plan_are_refused(stores, tiny):
         precompute(changed)
 
 
+def test_resume_with_another_signal_version_is_refused(stores, tiny, monkeypatch):
+    # a store begun by code that drew differently must not be finished by this code
+    from kdjax.teacher import signal
+
+    root, teacher, tokens = tiny
+    cfg = PrecomputeConfig(teacher=teacher, tokens=tokens, out=stores[0]["sampled"],
+                           mode="sampled", num_samples=N, num_slots=N, seed=3, batch_size=8,
+                           shard_rows=8, progress=False)
+    monkeypatch.setattr(signal, "SIGNAL_VERSION", signal.SIGNAL_VERSION + 1)
+    with pytest.raises(StoreMismatchError, match="signal_version"):
+        precompute(cfg)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_chunk_is_a_clear_error(stores, tmp_path, capsys, damage):
     import shutil

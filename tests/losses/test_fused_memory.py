@@ -16,8 +16,8 @@ H, V, CHUNK = 64, 8192, 128
 F32 = jnp.float32
 
 
-def _temp_bytes(fn, *shapes):
-    args = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
+def _temp_bytes(fn, *shapes, dtype=F32):
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
     compiled = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -63,3 +63,14 @@ def test_teacher_head_never_materializes_teacher_logits():
     args = [jax.ShapeDtypeStruct(s, F32) for s in ((n, H), (H, V), (n, ht), (ht, V))]
     compiled = jax.jit(jax.value_and_grad(fused, (0, 1))).lower(*args).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * n * V * 4
+
+
+def test_bf16_teacher_is_never_upcast_whole():
+    # XLA:CPU used to convert the whole bf16 [N, V] teacher to f32 before the chunk loop
+    # (an N·V·4-byte term). What remains on CPU is one 2-byte copy of it (the uint16
+    # bitcast, see kdjax/losses/fused/_scan.py): growth must stay below 3 bytes per
+    # teacher element added, far from the f32 copy's 4 (+ O(N·H) terms).
+    small, big = (_temp_bytes(_fused, (n, H), (H, V), (n, V), dtype=jnp.bfloat16)
+                  for n in (1024, 16384))
+    dn = 16384 - 1024
+    assert big - small <= dn * V * 2 + 8 * dn * H * 4, (big - small, dn * V * 4)

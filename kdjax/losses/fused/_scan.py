@@ -48,14 +48,21 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
     n, hdim = h.shape
     c = min(chunk_size, n)
     n_chunks = -(-n // c)
-    rows = (h, chunk, targets)
+    # On XLA:CPU, 16-bit floats enter the loop as their bits: its float normalization
+    # treats a bf16 dynamic-slice as unsupported and upcasts the whole bf16 [N, V]
+    # teacher to f32 before the loop (4·N·V bytes). The bitcast is not elided either,
+    # so a 2·N·V-byte copy remains (tests/losses/test_fused_memory.py); GPU/TPU slice
+    # bf16 natively and get the arrays untouched.
+    dtypes = jax.tree.map(lambda x: x.dtype, (h, chunk, targets))
+    rows = jax.tree.map(_to_bits, (h, chunk, targets))
 
     def step(carry, i):
         parts, dh, dw = carry
         # The last chunk starts at N − C (one compiled body, no padded copy of the
         # inputs); rows it shares with the previous chunk get weight 0 there.
         start = jnp.minimum(i * c, n - c)
-        hc, tc, yc = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, c), rows)
+        hc, tc, yc = jax.tree.map(lambda x, dt: _from_bits(
+            lax.dynamic_slice_in_dim(x, start, c), dt), rows, dtypes)
         fresh = start + jnp.arange(c) >= i * c
         wc = jnp.where(fresh, lax.dynamic_slice_in_dim(w, start, c), 0.0)
         p, dh_c, dw_c = chunk_loss(hc, w_mat, tc, shared, yc, wc, temperature, ce_weight,
@@ -71,3 +78,14 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
         init = (init[0], jnp.zeros((n, hdim), F32), jnp.zeros((hdim, w_mat.shape[1]), F32))
     (parts, dh, dw), _ = lax.scan(step, init, jnp.arange(n_chunks))
     return parts, (None if dh is None else dh.astype(h.dtype)), dw
+
+
+def _to_bits(x):
+    if (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2
+            and jax.default_backend() == "cpu"):
+        return lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _from_bits(x, dtype):
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x

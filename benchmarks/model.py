@@ -191,7 +191,8 @@ def main(argv=None) -> int:
         f"{cfg.vocab_size}), float32, batch {args.batch} x {args.seq} tokens; generation: "
         f"batch {args.gen_batch}, prompt {args.gen_prompt}, {args.gen_new} new tokens. "
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(shared with other jobs while measured), jax {jax.__version__}, torch "
+        f"(load average {os.getloadavg()[0]:.1f} when written; ~1 is this benchmark "
+        f"alone), jax {jax.__version__}, torch "
         f"{torch.__version__}, {args.threads} thread(s) each. Median of {args.repeats} "
         "interleaved calls after warm-up.", "",
         "| what | tokens/s | ms per call | GFLOP/s (of f32 matmul ceiling) |",

@@ -134,7 +134,8 @@ def markdown(rows, peaks, args, argv):
         if any(r["section"] == section for r in rows):
             lines += ["", f"### {title}", "", table(rows, peaks, section)]
     if peaks:
-        lines += ["", "Matmul peak ([N,H]@[H,V], best of runs, same process): " + ", ".join(
+        lines += ["", "Matmul peak (fastest [m,H]@[H,V] dot, m ∈ {256, 1024, min(N, 4096)}, "
+                  "best of runs, same process): " + ", ".join(
             f"H={h} V={v} {d}: {p:.0f} GFLOP/s" for (h, v, d), p in sorted(peaks.items()))]
     lines += ["", "### Summary vs the issue's targets", "", *(target_lines(rows, peaks) or ["-"])]
     return "\n".join(lines) + "\n"

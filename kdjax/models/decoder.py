@@ -121,8 +121,8 @@ class Decoder(nnx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-        hidden_layers = _normalize(hidden_layers, cfg.num_layers + 1, "hidden_layers")
-        attention_layers = _normalize(attention_layers, cfg.num_layers, "attention_layers")
+        hidden_layers = normalize_indices(hidden_layers, cfg.num_layers + 1, "hidden_layers")
+        attention_layers = normalize_indices(attention_layers, cfg.num_layers, "attention_layers")
         if segment_ids is None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
@@ -204,12 +204,17 @@ def with_config(model: Decoder, **changes) -> Decoder:
     return nnx.merge(graphdef, state)
 
 
-def _normalize(indices: Sequence[int], n: int, name: str) -> frozenset[int]:
+def normalize_indices(indices: Sequence[int], n: int, name: str,
+                      what: str | None = None) -> frozenset[int]:
+    """Indices into an n-entry range (negatives count from the end), each checked.
+
+    `what` describes the range in the error (default: "this n-entry range")."""
     out = set()
     for i in indices:
         if not -n <= int(i) < n:
-            raise ValueError(f"{name} contains {i}, outside [-{n}, {n}) for this "
-                             f"{n}-entry range; pass indices in range or negatives from the end")
+            raise ValueError(f"{name} contains {i}, outside [-{n}, {n}) for "
+                             f"{what or f'this {n}-entry range'}; pass indices in range or "
+                             "negatives from the end")
         out.add(int(i) % n)
     return frozenset(out)
 

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from kdjax.models.decoder import normalize_indices
 from kdjax.teacher import signal
 from kdjax.teacher.config import PrecomputeConfig
 
@@ -23,13 +24,8 @@ CHUNK_TOKENS = 256
 def normalize_layers(layers, num_layers: int) -> tuple[int, ...]:
     """Residual-stream indices in [0, num_layers] (negatives count from the end), sorted."""
     n = num_layers + 1
-    out = set()
-    for h in layers:
-        if not -n <= int(h) < n:
-            raise ValueError(f"hidden_layers contains {h}, outside [-{n}, {n}); the teacher "
-                             f"has {n} residual-stream states (0 = embeddings)")
-        out.add(int(h) % n)
-    return tuple(sorted(out))
+    return tuple(sorted(normalize_indices(
+        layers, n, "hidden_layers", f"the teacher's {n} residual-stream states (0 = embeddings)")))
 
 
 def build_step(model, config: PrecomputeConfig, batch_sharding: NamedSharding,

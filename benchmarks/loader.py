@@ -181,6 +181,45 @@ def make_train_step(width: int):
     return params, step
 
 
+class BareRead:
+    """A lower bound for any Python row reader: `local_batch(step)`'s rows of every array
+    read by a bare loop — per row and array one `preadv` (row + stored crc32c) and one
+    crc32c — with file descriptors and offsets looked up beforehand, and none of the
+    reader's checks, bookkeeping or the token post-processing."""
+
+    def __init__(self, loader, stores):
+        import struct
+
+        from google_crc32c import value
+
+        self.loader, self.crc, self.arrays = loader, value, []
+        for reader in (*stores[0]._rows._readers.values(), *stores[1]._readers.values()):
+            n, sr = reader.shape[0], reader.shard_rows
+            fds, offsets = {}, np.empty(n, np.int64)
+            for shard in range(-(-n // sr)):
+                fd, _, index, _ = reader._shard(shard)
+                fds[shard] = fd
+                for r in range(shard * sr, min(n, (shard + 1) * sr)):
+                    offsets[r] = struct.unpack_from("<Q", index, 16 * (r - shard * sr))[0]
+            reader._fds.clear()  # (these fds now belong to this object: never trimmed)
+            self.arrays.append((reader.row_bytes, sr, fds, offsets))
+
+    def __call__(self, step: int) -> list[np.ndarray]:
+        rows = self.loader.rows_at(step)[self.loader.local_positions].tolist()
+        outs, crc = [], self.crc
+        for row_bytes, sr, fds, offsets in self.arrays:
+            out = np.empty((len(rows), row_bytes), np.uint8)
+            slots = bytearray(4 * len(rows))
+            view, got = memoryview(slots), []
+            for i, r in enumerate(rows):
+                os.preadv(fds[r // sr], [out[i], view[4 * i:4 * i + 4]], int(offsets[r]))
+                got.append(crc(out[i]))
+            if got != list(np.frombuffer(slots, "<u4")):
+                raise RuntimeError("bare read: crc32c mismatch")
+            outs.append(out)
+        return outs
+
+
 def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
     """All timings, in `args.rounds` interleaved rounds (other processes on a shared
     machine then slow every measurement alike); medians over rounds, and for each loader
@@ -195,6 +234,7 @@ def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
     if ab_stores is not None:
         hosts["host_ab"] = Loader(ab_stores[0], global_batch_size=args.batch, seed=0,
                                   mesh=mesh, teacher_store=ab_stores[1], prefetch=2)
+    bare = BareRead(loader, stores)
     params, step = make_train_step(args.width)
     fixed = loader.batch_at(0)
     it = loader.iter_from(0)
@@ -206,9 +246,9 @@ def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
                 ("ceiling", read_ceiling(files, repeats=3)),
                 ("fresh", read_fresh(files, repeats=1)),
                 # after (fast reader) and before (tensorstore), alternating step by step
-                *zip(hosts, time_alternating(
-                    [lambda s, b=base, h=h: h.local_batch(b + s) for h in hosts.values()],
-                    n)),
+                *zip([*hosts, "bare"], time_alternating(
+                    [*(lambda s, b=base, h=h: h.local_batch(b + s) for h in hosts.values()),
+                     lambda s, b=base: bare(b + s)], n)),
                 ("batch_at", time_steps(lambda s, b=base: loader.batch_at(b + s), n)),
                 ("mem", time_steps(lambda s: step(params, fixed), n)),
                 ("real", time_steps(lambda s: step(params, next(it)), n)),
@@ -217,7 +257,7 @@ def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
             out.setdefault(f"{name}_cpu", []).append(value[1])
     loader.close()
     med = {k: statistics.median(v) for k, v in out.items()}
-    for k in (*hosts, "batch_at", "prefetched"):  # seconds per step → ratio
+    for k in (*hosts, "bare", "batch_at", "prefetched"):  # seconds per step → ratio
         for c in ("", "_cpu"):
             med[f"ratio_{k}{c}"] = statistics.median(
                 args.batch * args.row_bytes / (sec * ceil)
@@ -289,6 +329,7 @@ def report(args, m: dict[str, float], row_bytes: float, argv) -> str:
         row("loader host read (`local_batch`)", "host"),
         *([row(f"A/B: loader host read with the reader of `{args.ab_reader}`", "host_ab")]
           if "host_ab" in m else []),
+        row("(bound) the same rows by a bare `preadv` + crc32c loop, nothing else", "bare"),
         row("loader + global arrays (`batch_at`)", "batch_at"),
         row("loader alone via `iter_from` (prefetch thread)", "prefetched"),
         ("train-like step, in-memory batch", *ms("mem", ""), *ms("mem", "_cpu")),

@@ -47,9 +47,10 @@ from kdjax.teacher import PrecomputeConfig, precompute
 from kdjax.teacher.step import build_step
 from kdjax.teacher.store import array_layout, disk_bytes, signal_bytes_per_token
 
-TEACHERS = {  # shape and batch of each benchmarked teacher
-    "toy": dict(hidden=512, layers=4, rows=32, batch_size=8),
-    "deep": dict(hidden=1024, layers=16, rows=16, batch_size=4),
+TEACHERS = {  # shape and batch of each benchmarked teacher; 12 steps per run, so that the
+    # un-overlapped first step (compilation) and last shard write weigh little
+    "toy": dict(hidden=512, layers=4, rows=96, batch_size=8),
+    "deep": dict(hidden=1024, layers=16, rows=48, batch_size=4),
 }
 VOCABS = {"Llama 2 (32k)": 32_000, "Llama 3 (128k)": 128_256, "Qwen2.5 (152k)": 151_936}
 MODES = {  # label: PrecomputeConfig fields

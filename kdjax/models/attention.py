@@ -9,7 +9,7 @@ from flax import nnx
 
 from kdjax.sharding import constrain
 
-from .layers import Dense, RMSNorm, apply_rope
+from .layers import Dense, RMSNorm, apply_rope, rows
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so fully masked (padding) rows stay finite
 
@@ -131,7 +131,7 @@ def attend(q, k, v, mask, num_kv_heads: int, dtype, return_scores: bool = False,
     logits = jnp.einsum("bkqd,bskd->bkqs", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, lq, lk), MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kv, g * lq, lk)
+    probs = jax.nn.softmax(rows(logits), axis=-1).astype(dtype).reshape(b, kv, g * lq, lk)
     out = jnp.einsum("bkqs,bskd->bkqd", probs, v.astype(dtype)).reshape(b, kv, g, lq, d)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))

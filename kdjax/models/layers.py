@@ -94,11 +94,18 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, (size,), ("norm",), param_dtype, "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = rows(x).astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the weight multiply
-        scale = self.scale[...].astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-        return scale * y.astype(self.dtype)
+        scale = self.scale[...].astype(self.dtype)[None]
+        return (scale * y.astype(self.dtype)).reshape(x.shape)
+
+
+def rows(x: jax.Array) -> jax.Array:
+    """`x` as a 2-D `[rows, last axis]` array (a bitcast). Reductions over the last axis
+    run on this form: XLA:CPU reduces arrays with a leading axis of size 1 (batch 1) up to
+    ~6x slower (f32 [1, 1024, 384] over axis 2: 0.67 ms vs 0.12 ms for [4, 256, 384])."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:

@@ -39,6 +39,7 @@ from kdjax.storage.ledger import LEDGER_DIR, ShardLedger
 from kdjax.storage.lock import WriterLock
 from kdjax.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from kdjax.storage.records import RECORDS, pack_records, record_fields, unpack_records
+from kdjax.storage.shardwrite import ShardWriter
 
 FORMAT = "kdjax.rowstore"
 FORMAT_VERSION = 1
@@ -98,6 +99,8 @@ class RowStoreWriter:
                                    dtype=dtype, shard_rows=self.shard_rows,
                                    chunk_rows=chunk_rows, context=ctx)
                 for name, (shape, dtype) in shapes.items()}
+            # whole-shard writes without tensorstore's copies (kdjax.storage.shardwrite)
+            self._writers = {name: ShardWriter.of(arr) for name, arr in self.arrays.items()}
         except BaseException:
             self.lock.release()
             raise
@@ -133,23 +136,36 @@ class RowStoreWriter:
     def missing_shards(self) -> list[int]:
         return self.ledger.missing()
 
-    def write_shard(self, shard: int, data: Mapping[str, np.ndarray], info: dict | None = None):
-        """Writes every array's rows of `shard` (each `[hi - lo, *row_shape]`), then records
-        the shard in the ledger with `info` (e.g. per-shard statistics)."""
+    def write_shard(self, shard: int, data: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+                    info: dict | None = None):
+        """Writes every array's rows of `shard` (each `[hi - lo, *row_shape]`, or a list of
+        arrays whose concatenation along rows is that), then records the shard in the
+        ledger with `info` (e.g. per-shard statistics)."""
         lo, hi = self.shard_range(shard)
         if set(data) != set(self.row_shapes):
             raise ValueError(f"write_shard needs exactly the arrays {sorted(self.row_shapes)}, "
                              f"got {sorted(data)}")
         values = {}
         for name, v in data.items():
+            parts = list(v) if isinstance(v, (list, tuple)) else [v]
+            shapes = [tuple(np.shape(p)) for p in parts]
             want = (hi - lo, *self.row_shapes[name])
-            if tuple(np.shape(v)) != want:
+            if (any(len(s) != len(want) or s[1:] != want[1:] for s in shapes)
+                    or sum(s[0] for s in shapes) != want[0]):
+                got = shapes[0] if len(shapes) == 1 else f"parts {shapes}"
                 raise ValueError(f"array {name!r} for shard {shard} (rows [{lo}, {hi})) must "
-                                 f"have shape {want}, got {tuple(np.shape(v))}")
-            values[name] = cast_checked(v, self.dtypes[name], name=name)
+                                 f"have shape {want}, got {got}")
+            values[name] = [cast_checked(p, self.dtypes[name], name=name) for p in parts]
         if self.record:
-            values = {RECORDS: pack_records(values, self.fields, self.row_bytes)}
-        write_rows(self.arrays, lo, values)
+            values = {RECORDS: [pack_records({k: _joined(v) for k, v in values.items()},
+                                             self.fields, self.row_bytes)]}
+        slow = {}
+        for name, parts in values.items():
+            if (writer := self._writers[name]) is not None:
+                writer.write(shard, parts)  # durable when it returns
+            else:
+                slow[name] = _joined(parts)
+        write_rows(self.arrays, lo, slow)
         self.ledger.record(shard, info)
 
     def finalize(self, extra: Mapping | None = None) -> dict:
@@ -234,3 +250,7 @@ class RowStore:
 def open_row_store(path: str | os.PathLike) -> RowStore:
     """Opens a complete row store for reading (incomplete → StoreIncompleteError)."""
     return RowStore(path)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -85,6 +85,40 @@ def available() -> bool:
             and os.environ.get("KDJAX_FAST_READ", "1") != "0")
 
 
+def layout_of(array: ts.TensorStore) -> tuple[str, tuple[int, ...], np.dtype, int, int] | None:
+    """(directory, shape, dtype, shard_rows, chunk_rows) of a local array in exactly the
+    layout `arrays.array_spec` writes (sharding_indexed, `bytes` little-endian + crc32c
+    inner chunks spanning whole rows, index at the end with `bytes` + crc32c), on a
+    little-endian host; None for anything else."""
+    if sys.byteorder != "little":
+        return None
+    meta = array.spec().to_json().get("metadata", {})
+    shape = tuple(int(s) for s in meta.get("shape", ()))
+    try:
+        (codec,) = meta["codecs"]
+        conf = codec["configuration"]
+        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        inner = conf["chunk_shape"]
+        ok = (codec["name"] == "sharding_indexed"
+              and meta["chunk_key_encoding"] == {"name": "default"}
+              and meta["chunk_grid"]["name"] == "regular"
+              and conf.get("index_location", "end") == "end"
+              and conf["index_codecs"] == [_LE_BYTES, _CRC]
+              and len(conf["codecs"]) == 2 and conf["codecs"][1] == _CRC
+              and conf["codecs"][0]["name"] == "bytes"  # (no endian for 1-byte types)
+              and conf["codecs"][0].get("configuration", {}).get("endian", "little")
+              == "little"
+              and len(shape) >= 1 and list(grid[1:]) == list(shape[1:])
+              and list(inner[1:]) == list(shape[1:]) and min(shape[1:], default=1) > 0
+              and grid[0] % inner[0] == 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not ok or not array.kvstore.url.startswith("file://"):
+        return None
+    return (array.kvstore.path.rstrip("/"), shape, array.dtype.numpy_dtype, int(grid[0]),
+            int(inner[0]))
+
+
 class ShardRowReader:
     """Reads whole rows of one array written by `arrays.create_array`.
 
@@ -111,35 +145,8 @@ class ShardRowReader:
     def of(cls, array: ts.TensorStore) -> ShardRowReader | None:
         """A reader for `array`, or None unless it has exactly kdjax's layout (and a crc32c
         module is installed and the host is little-endian)."""
-        if not available() or sys.byteorder != "little":
-            return None
-        meta = array.spec().to_json().get("metadata", {})
-        shape = tuple(int(s) for s in meta.get("shape", ()))
-        try:
-            (codec,) = meta["codecs"]
-            conf = codec["configuration"]
-            grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            inner = conf["chunk_shape"]
-            ok = (codec["name"] == "sharding_indexed"
-                  and meta["chunk_key_encoding"] == {"name": "default"}
-                  and meta["chunk_grid"]["name"] == "regular"
-                  and conf.get("index_location", "end") == "end"
-                  and conf["index_codecs"] == [_LE_BYTES, _CRC]
-                  and len(conf["codecs"]) == 2 and conf["codecs"][1] == _CRC
-                  and conf["codecs"][0]["name"] == "bytes"  # (no endian for 1-byte types)
-                  and conf["codecs"][0].get("configuration", {}).get("endian", "little")
-                  == "little"
-                  and len(shape) >= 1 and list(grid[1:]) == list(shape[1:])
-                  and list(inner[1:]) == list(shape[1:]) and min(shape[1:], default=1) > 0
-                  and grid[0] % inner[0] == 0)
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not ok:
-            return None
-        if not array.kvstore.url.startswith("file://"):
-            return None
-        return cls(array.kvstore.path.rstrip("/"), shape, array.dtype.numpy_dtype,
-                   int(grid[0]), int(inner[0]))
+        layout = layout_of(array) if available() else None
+        return None if layout is None else cls(*layout)
 
     def file_of(self, shard: int) -> str:
         return f"{self.path}/c/{shard}{self.suffix}"

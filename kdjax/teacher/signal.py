@@ -296,8 +296,12 @@ def chunked_signal(hidden: Array, lm_head: Array, mode: str, *, keys: Array | No
 
     def body(args):
         hc, *ex = args
-        logits = (hc.reshape(b * c, h) @ lm_head).reshape(b, c, v)
-        return fn(_scaled(logits, temperature), *ex)
+        # the signal runs on `[B·c, V]` rows: XLA:CPU reduces a `[1, c, V]` block (one row
+        # per device) over V several times slower than the same data as `[c, V]`
+        logits = hc.reshape(b * c, h) @ lm_head
+        sig = fn(_scaled(logits, temperature), *(e.reshape((b * c,) + e.shape[2:])
+                                                 for e in ex))
+        return jax.tree.map(lambda a: a.reshape((b, c) + a.shape[1:]), sig)
 
     out = lax.map(body, (split(hidden), *map(split, extra)))
 

@@ -85,6 +85,10 @@ def _jitted_step(graphdef, key, batch_sharding, hidden_layers):
     return jax.jit(step, out_shardings=batch_sharding)
 
 
+# the arrays shard_stats reads
+STATS_INPUTS = ("loss_mask", "mass", "distinct", "dropped", "ids", "counts")
+
+
 def shard_stats(data: dict[str, np.ndarray], mode: str) -> dict:
     """Statistics of one written shard over its loss positions (loss_mask True).
 

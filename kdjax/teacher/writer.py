@@ -75,7 +75,7 @@ class BackgroundWriter:
 
 
 class ShardAssembler:
-    """Concatenates per-step host outputs `{name: [n_valid, ...]}` of one shard."""
+    """Collects the per-step host outputs `{name: [n_valid, ...]}` of one shard."""
 
     def __init__(self, shard: int, num_rows: int):
         self.shard, self.num_rows = shard, num_rows
@@ -91,8 +91,11 @@ class ShardAssembler:
     def full(self) -> bool:
         return self.rows >= self.num_rows
 
-    def result(self) -> dict[str, np.ndarray]:
+    def parts(self) -> dict[str, list[np.ndarray]]:
+        """{name: the steps' arrays}, whose concatenation along rows is the shard. Not
+        concatenated: `RowStoreWriter.write_shard` writes parts as they are (a dense-logits
+        shard is ~16 MB per row; a concatenation would copy it into fresh pages)."""
         if self.rows != self.num_rows:
             raise RuntimeError(f"shard {self.shard} got {self.rows} rows, expected "
                                f"{self.num_rows}")
-        return {name: np.concatenate(parts) for name, parts in self._parts.items()}
+        return {name: list(parts) for name, parts in self._parts.items()}

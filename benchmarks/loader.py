@@ -13,7 +13,7 @@ Builds a synthetic token store (L tokens/row) and a sampled-teacher-like store
   3. a training-like loop: a jitted step of fixed cost fed by `iter_from` (prefetch
      thread) vs the same step on one batch already in device memory (interleaved blocks).
 
-  python benchmarks/loader.py            # full (~2 min)
+  python benchmarks/loader.py            # full (~1 min)
   python benchmarks/loader.py --quick    # seconds
   # A/B against another version of the row reader, alternating step by step in one run:
   git show 5d1e9ed:kdjax/storage/shardread.py > /tmp/shardread_ref.py  # before issue 5
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--shard-rows", type=int, default=256)
-    p.add_argument("--steps", type=int, default=30, help="steps per measurement (all rounds)")
+    p.add_argument("--steps", type=int, default=100, help="steps per measurement (all rounds)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--width", type=int, default=128, help="train-like step hidden size")
     p.add_argument("--dir", help="where to build the stores (default: a temp dir)")

@@ -11,7 +11,11 @@ temporary file and renames it, so a shard file is never half-written.
 Reading rows (`read_rows`): arrays in exactly this layout are decoded by
 `kdjax.storage.shardread` (pread + crc32c on the calling thread, several times faster than
 tensorstore for random rows, same checks and errors); anything else, or every array when
-KDJAX_FAST_READ=0, goes through tensorstore.
+KDJAX_FAST_READ=0, goes through tensorstore. Writing whole shards
+(`RowStoreWriter.write_shard`): arrays with one row per inner chunk are encoded by
+`kdjax.storage.shardwrite` (the same bytes as tensorstore, writev + crc32c in place, same
+temporary-file-and-rename atomicity); others, or all with KDJAX_FAST_WRITE=0, by
+tensorstore.
 """
 
 from __future__ import annotations

@@ -142,3 +142,22 @@ def test_eval_batches_count_every_row_once(store, mesh):
     assert len(batches) == -(-store.num_rows // bs)
     got = sum(int(b["loss_mask"].sum()) for b in batches)
     assert got == int(store.read(np.arange(store.num_rows))["loss_mask"].sum())
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread nice is Linux-only")
+@pytest.mark.parametrize("nice", [0, 10])
+def test_prefetch_thread_runs_at_lower_priority(store, mesh, nice):
+    """Only the prefetch thread is reniced; the caller's priority is untouched."""
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+    with Loader(store, global_batch_size=B, seed=0, mesh=mesh, prefetch_nice=nice) as loader:
+        make = loader.batch_at
+
+        def spy(step):
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return make(step)
+
+        loader.batch_at = spy
+        next(loader.iter_from(0))
+    assert seen["nice"] == min(19, me + nice)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me

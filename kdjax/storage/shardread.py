@@ -119,6 +119,12 @@ def layout_of(array: ts.TensorStore) -> tuple[str, tuple[int, ...], np.dtype, in
             int(inner[0]))
 
 
+def shard_file(path: str, ndim: int, shard: int) -> str:
+    """The file of row shard `shard` of a `ndim`-D array at `path` (zarr3 default chunk
+    keys; rows are the only sharded axis)."""
+    return f"{path}/c/{shard}" + "/0" * (ndim - 1)
+
+
 class ShardRowReader:
     """Reads whole rows of one array written by `arrays.create_array`.
 
@@ -133,7 +139,6 @@ class ShardRowReader:
         self.chunk_bytes = self.row_bytes * chunk_rows
         self.inner = shard_rows // chunk_rows
         self.index_bytes = self.inner * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
-        self.suffix = "/0" * (len(shape) - 1)
         # shard → (file identity, checked index bytes), also for shards no longer kept
         # open: re-read only when the file changed (inode, size, mtime or ctime differ).
         self._indexes: OrderedDict[int, tuple[tuple, bytes]] = OrderedDict()
@@ -149,7 +154,7 @@ class ShardRowReader:
         return None if layout is None else cls(*layout)
 
     def file_of(self, shard: int) -> str:
-        return f"{self.path}/c/{shard}{self.suffix}"
+        return shard_file(self.path, len(self.shape), shard)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """`[len(rows), *shape[1:]]` rows (1-D ints in range, any order, repeats allowed).

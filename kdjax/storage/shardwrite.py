@@ -43,7 +43,6 @@ class ShardWriter:
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, shard_rows: int):
         self.path, self.shape, self.dtype, self.shard_rows = path, shape, dtype, shard_rows
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        self.suffix = "/0" * (len(shape) - 1)
 
     @classmethod
     def of(cls, array: ts.TensorStore) -> ShardWriter | None:
@@ -55,7 +54,7 @@ class ShardWriter:
         return cls(*layout[:4])
 
     def file_of(self, shard: int) -> str:
-        return f"{self.path}/c/{shard}{self.suffix}"
+        return shardread.shard_file(self.path, len(self.shape), shard)
 
     def write(self, shard: int, parts: Sequence[np.ndarray]) -> None:
         """Writes shard `shard` from `parts`, arrays `[n_i, *shape[1:]]` of this array's

@@ -28,13 +28,7 @@ from kdjax.teacher import signal as _signal
 from kdjax.teacher import store as _store
 from kdjax.teacher.config import PrecomputeConfig
 from kdjax.teacher.progress import Progress, summary_lines
-from kdjax.teacher.step import (
-    STATS_INPUTS,
-    build_step,
-    normalize_layers,
-    shard_stats,
-    total_stats,
-)
+from kdjax.teacher.step import build_step, normalize_layers, shard_stats, total_stats
 from kdjax.teacher.writer import BackgroundWriter, ShardAssembler
 
 
@@ -262,8 +256,7 @@ class _Collector:
         self.assembler.add(host, n)
         if self.assembler.full:
             parts = self.assembler.parts()
-            info = shard_stats({k: np.concatenate(parts[k]) for k in STATS_INPUTS
-                                if k in parts}, self.config.mode)
+            info = shard_stats(parts, self.config.mode)
             self.bg.submit(shard, {k: parts[k] for k in (*self.names, "tokens", "loss_mask")},
                            info)
             self.assembler = None

@@ -85,29 +85,31 @@ def _jitted_step(graphdef, key, batch_sharding, hidden_layers):
     return jax.jit(step, out_shardings=batch_sharding)
 
 
-# the arrays shard_stats reads
-STATS_INPUTS = ("loss_mask", "mass", "distinct", "dropped", "ids", "counts")
-
-
-def shard_stats(data: dict[str, np.ndarray], mode: str) -> dict:
-    """Statistics of one written shard over its loss positions (loss_mask True).
+def shard_stats(data: dict[str, np.ndarray | list[np.ndarray]], mode: str) -> dict:
+    """Statistics of one written shard over its loss positions (loss_mask True). Values
+    are arrays or lists of per-step parts (concatenated along rows here).
 
     `mass_sum` is Σ teacher mass on the kept ids (f64, in row order so a recomputed shard
     gives the same number); `overflow_positions` counts positions that drew more than U
     distinct ids; `dropped_samples` the draws lost to that limit; `max_id` the largest id
     with signal, so a run with a smaller vocabulary can be refused.
     """
-    mask = np.asarray(data["loss_mask"], bool)
+    def get(name, dtype=None):
+        v = data[name]
+        return np.asarray(np.concatenate(v) if isinstance(v, list) else v, dtype)
+
+    mask = get("loss_mask", bool)
+    dropped = get("dropped", np.int64)[mask]
     out = {"positions": int(mask.sum()),
-           "mass_sum": float(np.asarray(data["mass"], np.float64)[mask].sum()),
-           "distinct_sum": int(np.asarray(data["distinct"], np.int64)[mask].sum()),
-           "overflow_positions": int((np.asarray(data["dropped"])[mask] > 0).sum()),
-           "dropped_samples": int(np.asarray(data["dropped"], np.int64)[mask].sum()),
+           "mass_sum": float(get("mass", np.float64)[mask].sum()),
+           "distinct_sum": int(get("distinct", np.int64)[mask].sum()),
+           "overflow_positions": int((dropped > 0).sum()),
+           "dropped_samples": int(dropped.sum()),
            "max_id": -1}
     if mode in ("sampled", "topk") and mask.any():
-        ids = np.asarray(data["ids"])[mask]
+        ids = get("ids")[mask]
         if mode == "sampled":
-            ids = ids[np.asarray(data["counts"])[mask] > 0]
+            ids = ids[get("counts")[mask] > 0]
         out["max_id"] = int(ids.max()) if ids.size else -1
     return out
 

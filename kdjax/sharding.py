@@ -97,6 +97,26 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(mesh.shape[DATA] * mesh.shape[FSDP])
 
 
+def fused_loss_axes(mesh: Mesh, hidden_size: int, vocab_size: int) -> dict:
+    """Mesh axes for `kdjax.losses.sharded_fused_distill` / `fused_sequence_logprobs`.
+
+    Tokens split over the axes of "batch" (each device keeps its own), the vocabulary over
+    the axis of "vocab" when it divides V, and the lm_head gradient reduce-scattered over
+    the axis of "embed" when that is a batch axis dividing H (FSDP: the gradient lands in
+    the lm_head's own row sharding). Size-1 axes are left out.
+    """
+    def axes(logical):
+        target = LOGICAL_RULES[logical]
+        names = () if target is None else (target,) if isinstance(target, str) else target
+        return tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+
+    data = axes("batch")
+    vocab = [a for a in axes("vocab") if vocab_size % mesh.shape[a] == 0][:1]
+    scatter = [a for a in axes("embed") if a in data and hidden_size % mesh.shape[a] == 0][:1]
+    return dict(data_axis=data or None, vocab_axis=vocab[0] if vocab else None,
+                grad_scatter_axis=scatter[0] if scatter else None)
+
+
 def current_mesh():
     """The mesh set by `jax.set_mesh`/`jax.sharding.use_mesh` (abstract inside jit), or None."""
     mesh = jax.sharding.get_abstract_mesh()

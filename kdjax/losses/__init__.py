@@ -20,6 +20,7 @@ from kdjax.losses.fused import (
     TeacherHead,
     fused_distill,
     fused_sequence_logprobs,
+    sharded_fused_distill,
     vocab_parallel_distill,
 )
 from kdjax.losses.hidden import attention_kl, hidden_cosine, hidden_mse
@@ -47,6 +48,7 @@ __all__ = [
     "TeacherHead",
     "fused_distill",
     "fused_sequence_logprobs",
+    "sharded_fused_distill",
     "vocab_parallel_distill",
     "DIVERGENCES",
     "Weighted",

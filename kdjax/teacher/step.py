@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kdjax.models.decoder import normalize_indices
 from kdjax.teacher import signal
@@ -67,14 +69,10 @@ def _jitted_step(graphdef, key, batch_sharding, hidden_layers):
                        distinct=jnp.full(shape, logits.shape[-1], jnp.int32),
                        dropped=jnp.zeros(shape, jnp.int32))
         else:
-            # logits and signal a chunk of positions at a time: [B, L, V] logits never
-            # go to memory (see signal.chunked_signal)
-            local_batch = batch_sharding.shard_shape(shape)[0]
-            sig = signal.chunked_signal(
-                out.hidden, teacher.lm_head(), mode,
-                keys=signal.row_keys(seed, rows) if mode == "sampled" else None,
-                k=k, num_samples=num_samples, num_slots=num_slots, temperature=temperature,
-                chunk_len=max(1, chunk_tokens // local_batch))
+            sig = _mesh_signal(out.hidden, teacher.lm_head(), mode, batch_sharding,
+                               keys=signal.row_keys(seed, rows) if mode == "sampled" else None,
+                               k=k, num_samples=num_samples, num_slots=num_slots,
+                               temperature=temperature, chunk_tokens=chunk_tokens)
             if mode == "topk":
                 sig["distinct"] = jnp.full(shape, k, jnp.int32)
                 sig["dropped"] = jnp.zeros(shape, jnp.int32)
@@ -83,6 +81,39 @@ def _jitted_step(graphdef, key, batch_sharding, hidden_layers):
         return sig
 
     return jax.jit(step, out_shardings=batch_sharding)
+
+
+def _mesh_signal(hidden, lm_head, mode, batch_sharding: NamedSharding, *, keys,
+                 chunk_tokens, **settings):
+    """`signal.chunked_signal` on each device's own rows, in shard_map.
+
+    Rows are split over the batch axes of `batch_sharding` and, when the local rows
+    divide by them, further over the remaining mesh axes (tensor parallelism leaves the
+    teacher's hidden states replicated there): every device reduces its own rows'
+    full-vocabulary logits, chunk by chunk, against the gathered (parameter-sized)
+    lm_head, so no `[tokens, V]` array is ever split over devices or gathered. Draws
+    depend only on (seed, row), so the signal is the same on any mesh.
+    """
+    mesh = batch_sharding.mesh
+    spec = batch_sharding.spec
+    batch_axes = () if not len(spec) or spec[0] is None else (
+        (spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
+    rest = tuple(a for a in mesh.axis_names if a not in batch_axes and mesh.shape[a] > 1)
+    local_rows = batch_sharding.shard_shape(hidden.shape[:2])[0]
+    if rest and local_rows % math.prod(mesh.shape[a] for a in rest) == 0:
+        batch_axes += rest
+    rows_spec = P(batch_axes or None)
+    per_device = hidden.shape[0] // math.prod(mesh.shape[a] for a in batch_axes)
+
+    def local(h, w, *maybe_keys):
+        return signal.chunked_signal(h, w, mode, keys=maybe_keys[0] if maybe_keys else None,
+                                     chunk_len=max(1, chunk_tokens // per_device), **settings)
+
+    args, in_specs = (hidden, lm_head), (rows_spec, P())
+    if keys is not None:
+        args, in_specs = (*args, keys), (*in_specs, rows_spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows_spec,
+                         check_vma=False)(*args)
 
 
 def shard_stats(data: dict[str, np.ndarray | list[np.ndarray]], mode: str) -> dict:

@@ -1,10 +1,12 @@
 """Held-out evaluation: CE / perplexity, KL(teacher ‖ student) at T = 1, top-1 agreement.
 
 All metrics are token-weighted `Weighted(sum, count)` over `loss_mask` tokens, summed over
-eval batches and divided once. The teacher signal is, in order of preference: an online
-teacher model (exact), a dense or top-k store on the eval data (exact / renormalized
-over the top-k), or a sampled store (KL estimated from t̂ = counts/N, top-1 = the most
-drawn id). Without a teacher only CE and perplexity are reported.
+eval batches and divided once. They come from the fused kernel's forward sweep (the
+`[B, L, V]` logits never exist; over a mesh each device evaluates its own tokens). The
+teacher signal is, in order of preference: an online teacher model (exact), a dense or
+top-k store on the eval data (exact / renormalized over the top-k), or a sampled store
+(KL estimated from t̂ = counts/N, top-1 = the most drawn id). Without a teacher only CE
+and perplexity are reported.
 """
 
 from __future__ import annotations
@@ -18,40 +20,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kdjax.losses import divergences
-from kdjax.losses.reduce import Weighted, masked_sum_count
-from kdjax.train.objective import merge
+from kdjax.losses.reduce import Weighted
+from kdjax.train.objective import fused_loss, merge
 
 EvalFn = Callable[[Any, Any, Mapping[str, jax.Array]], dict[str, Weighted]]
 
 
 def _forward(model, batch):
-    return model(batch["tokens"], segment_ids=batch["segment_ids"],
-                 positions=batch["positions"]).logits.astype(jnp.float32)
-
-
-def _store_terms(logq, batch, manifest) -> tuple[jax.Array, jax.Array]:
-    """Per-token KL(p ‖ q) `[B, L]` and the teacher's top-1 id `[B, L]` from stored signal."""
-    mode = manifest["mode"]
-    if mode == "dense":
-        logp = jax.nn.log_softmax(batch["teacher_logits"].astype(jnp.float32), axis=-1)
-        kl = jnp.sum(divergences.pointwise_terms("forward_kl", logp, logq), axis=-1)
-        return kl, jnp.argmax(logp, axis=-1)
-    ids = batch["teacher_ids"].astype(jnp.int32)
-    logq_ids = jnp.take_along_axis(logq, ids, axis=-1)
-    if mode == "topk":
-        logp = batch["teacher_logprobs"].astype(jnp.float32)
-        logp = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)
-        kl = jnp.sum(jnp.exp(logp) * (logp - logq_ids), axis=-1)
-        weights = logp
-    else:  # sampled: the t̂ = counts/N estimate
-        t_hat = batch["teacher_counts"].astype(jnp.float32) / float(manifest["num_samples"])
-        live = t_hat > 0
-        log_t = jnp.log(jnp.where(live, t_hat, 1.0))
-        kl = jnp.sum(jnp.where(live, t_hat * (log_t - logq_ids), 0.0), axis=-1)
-        weights = t_hat
-    top = jnp.take_along_axis(ids, jnp.argmax(weights, axis=-1)[..., None], axis=-1)[..., 0]
-    return kl, top
+    """`(hidden [B·L, H], lm_head [H, V])` of a model on a batch (no logits)."""
+    out = model(batch["tokens"], segment_ids=batch["segment_ids"],
+                positions=batch["positions"], return_logits=False)
+    return out.hidden.reshape(-1, out.hidden.shape[-1]), model.lm_head()
 
 
 def make_eval_fn(graphdef, mesh: Mesh, *, teacher: tuple | None = None,
@@ -75,27 +54,28 @@ def make_eval_fn(graphdef, mesh: Mesh, *, teacher: tuple | None = None,
 @functools.lru_cache(maxsize=16)
 def _jitted_eval(graphdef, mesh, t_graphdef, manifest):
     """One compiled eval per (student, teacher, store) structure, shared between runs."""
+    from kdjax.losses import TeacherHead
+    from kdjax.teacher import teacher_from_batch
+
     manifest = dict(manifest)
 
     def eval_fn(params, rest, batch, t_arrays):
-        logits = _forward(merge(graphdef, params, rest), batch)
-        mask = batch["loss_mask"]
-        out = {"ce": masked_sum_count(divergences.cross_entropy(logits, batch["targets"]),
-                                      mask)}
-        logq = jax.nn.log_softmax(logits, axis=-1)
+        hidden, lm_head = _forward(merge(graphdef, params, rest), batch)
+        teacher = None
         if t_graphdef is not None:
-            t_logits = _forward(merge(t_graphdef, *t_arrays), batch)
-            t_logits = t_logits[..., :logits.shape[-1]]  # padded teacher vocab rows
-            logp = jax.nn.log_softmax(t_logits, axis=-1)
-            kl = jnp.sum(divergences.pointwise_terms("forward_kl", logp, logq), axis=-1)
-            top = jnp.argmax(t_logits, axis=-1)
+            teacher = TeacherHead(*jax.lax.stop_gradient(
+                _forward(merge(t_graphdef, *t_arrays), batch)))
         elif manifest:
-            kl, top = _store_terms(logq, batch, manifest)
-        else:
-            return out
-        out["kl_teacher"] = masked_sum_count(kl, mask)
-        out["top1_agreement"] = masked_sum_count(
-            (jnp.argmax(logits, axis=-1) == top).astype(jnp.float32), mask)
+            teacher = teacher_from_batch(batch, manifest, flatten=True)
+        flat = lambda x: x.reshape(-1)
+        _, m = fused_loss(mesh, lm_head)(hidden, lm_head, teacher,
+                                         targets=flat(batch["targets"]),
+                                         mask=flat(batch["loss_mask"]), divergence="forward_kl",
+                                         temperature=1.0, with_top1=teacher is not None)
+        out = {"ce": m["ce"]}
+        if teacher is not None:
+            out["kl_teacher"] = m["divergence"]
+            out["top1_agreement"] = m["top1_agreement"]
         return out
 
     return jax.jit(eval_fn, out_shardings=NamedSharding(mesh, PartitionSpec()))

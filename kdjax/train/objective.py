@@ -17,6 +17,7 @@ accumulation and multi-host reduction divide once, at the end (see `step.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import losses
+from kdjax import losses, sharding
 from kdjax.losses import divergences
 from kdjax.losses.reduce import Weighted, masked_sum_count
 
@@ -111,7 +112,7 @@ class Objective:
         return {f"{s}_{t}": (student_hidden, teacher_hidden) for s, t in self.hidden_layers}
 
     def __call__(self, params: dict, batch: Mapping[str, jax.Array], *, graphdef,
-                 step: jax.Array, teacher: tuple | None = None, rest=None
+                 step: jax.Array, teacher: tuple | None = None, rest=None, mesh=None
                  ) -> tuple[Weighted, dict[str, Weighted]]:
         """The loss on one (micro-)batch.
 
@@ -122,6 +123,8 @@ class Objective:
           graphdef: the student's nnx GraphDef; rest: its non-Param state (or None).
           step: the optimizer step (int32 scalar), for the α and T schedules.
           teacher: `(graphdef, params, rest)` of an online teacher, or None.
+          mesh: the device mesh the step runs on, or None (one device). With a mesh the
+            fused loss runs on each device's own tokens (`fused_loss`).
 
         Returns:
           `(loss, metrics)`: loss as Weighted(Σ_tokens loss, Σ loss_mask) in f32, and
@@ -138,7 +141,7 @@ class Objective:
         scale = (1.0 - alpha) * (temp * temp if self.t_squared else 1.0)
         if self.fused:
             total, metrics = _fused_logit_terms(self, model, out, t_out, batch, alpha=alpha,
-                                                scale=scale, temperature=temp)
+                                                scale=scale, temperature=temp, mesh=mesh)
         else:
             metrics = _naive_logit_terms(self, out, t_out, batch, temperature=temp)
             total = _combine(metrics, {"ce": alpha, "kd": scale})
@@ -201,18 +204,30 @@ def _store_teacher(obj: Objective, batch):
     return teacher_from_batch(batch, dict(obj.store_manifest), flatten=True)
 
 
-def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperature):
-    """α·CE + scale·D through `fused_distill` (no `[N, V]` logits beyond one chunk)."""
+def fused_loss(mesh, lm_head):
+    """`fused_distill` on one device, or over `mesh` with each device on its own tokens
+    (tokens over the batch axes, vocabulary over the tensor axis; `kdjax.sharding`)."""
+    from kdjax.losses import fused
+
+    if mesh is None:
+        return fused.fused_distill
+    h, v = lm_head.shape
+    return functools.partial(fused.sharded_fused_distill, mesh=mesh,
+                             **sharding.fused_loss_axes(mesh, h, v))
+
+
+def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperature, mesh):
+    """α·CE + scale·D through the fused kernel (no `[N, V]` logits beyond one chunk)."""
     from kdjax.losses import fused
 
     hidden, mask, targets = _flat(out.hidden), _flat(batch["loss_mask"]), _flat(
         batch["targets"])
     lm_head = model.lm_head()
-    if not obj.kd_active:
-        logp = fused.fused_sequence_logprobs(hidden[None], lm_head, targets[None], mask[None])
-        ce = Weighted(-jnp.sum(logp).astype(jnp.float32),
-                      jnp.sum(mask.astype(jnp.float32)))
-        return ce, {"ce": ce}
+    loss_fn = fused_loss(mesh, lm_head)
+    if not obj.kd_active:  # plain language-model training: the CE sweep alone
+        w, m = loss_fn(hidden, lm_head, None, targets=targets, mask=mask, ce_weight=1.0,
+                       chunk_size=obj.chunk_size)
+        return w, {"ce": m["ce"]}
     if obj.teacher_source == "online":
         (t, t_head) = t_out
         teacher = fused.TeacherHead(_flat(t.hidden), t_head)
@@ -221,10 +236,9 @@ def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperatu
     # fused_distill returns D + ce_weight·CE; factor out `scale` so that the total is
     # α·CE + scale·D. scale > 0 whenever α < 1; the floor only matters at α = 1 exactly.
     safe = jnp.maximum(scale, 1e-6) if not isinstance(scale, float) else max(scale, 1e-6)
-    w, m = fused.fused_distill(hidden, lm_head, teacher, targets=targets, mask=mask,
-                               divergence=obj.divergence, temperature=temperature,
-                               ce_weight=alpha / safe, chunk_size=obj.chunk_size,
-                               **dict(obj.divergence_kwargs))
+    w, m = loss_fn(hidden, lm_head, teacher, targets=targets, mask=mask,
+                   divergence=obj.divergence, temperature=temperature, ce_weight=alpha / safe,
+                   chunk_size=obj.chunk_size, **dict(obj.divergence_kwargs))
     total = Weighted(safe * w.sum, w.count)
     return total, {"ce": m["ce"], "kd": m["divergence"]}
 

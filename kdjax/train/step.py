@@ -78,7 +78,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *,
     def loss_sum(params, rest, mb, step, teacher_arrays):
         t = None if t_graphdef is None else (t_graphdef, *teacher_arrays)
         loss, metrics = objective(params, mb, graphdef=state.graphdef, step=step, teacher=t,
-                                  rest=rest)
+                                  rest=rest, mesh=mesh)
         return loss.sum, metrics
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)

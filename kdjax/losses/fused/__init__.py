@@ -2,13 +2,16 @@
 
 - `fused_distill`: student hidden states + lm_head → divergence (+ hard-label CE) with a
   custom VJP, chunked over tokens (see `distill.py`).
-- `vocab_parallel_distill`: the same with lm_head sharded over a mesh axis (`parallel.py`).
-- `fused_sequence_logprobs`: per-sequence target log-probs for the ranking losses.
+- `sharded_fused_distill`: the same over a mesh, each device on its own tokens, the
+  vocabulary optionally split over an axis (`parallel.py`); `vocab_parallel_distill`
+  is its vocab-split form.
+- `fused_sequence_logprobs`: per-sequence target log-probs for the ranking losses (on one
+  device or, with `mesh=`, over a mesh).
 """
 
 from kdjax.losses.fused._scan import auto_chunk_size
 from kdjax.losses.fused.distill import fused_distill
-from kdjax.losses.fused.parallel import vocab_parallel_distill
+from kdjax.losses.fused.parallel import sharded_fused_distill, vocab_parallel_distill
 from kdjax.losses.fused.sequence import fused_sequence_logprobs
 from kdjax.losses.fused.teachers import SampledTeacher, SparseTeacher, TeacherHead
 
@@ -19,5 +22,6 @@ __all__ = [
     "auto_chunk_size",
     "fused_distill",
     "fused_sequence_logprobs",
+    "sharded_fused_distill",
     "vocab_parallel_distill",
 ]

@@ -85,6 +85,8 @@ def weights(mask, lead, n):
 
 def teacher_arrays(teacher, form, lead, vocab, slice_dense: bool):
     """(per-token arrays, shared arrays, extra spec fields) for a teacher argument."""
+    if form == "none":
+        return (), (), {}
     if form == "dense":
         _checks.check_floating(teacher, "teacher")
         t = flat_tokens(teacher, lead, "teacher (dense logits)", trailing=1)
@@ -133,7 +135,7 @@ def _check_vocab(v_teacher, v_student, name):
 
 
 def make_spec(*, divergence, kwargs, form, vocab, extra, softcap, targets, ce_weight,
-              temperature, vocab_axis=None) -> ChunkSpec:
+              temperature, vocab_axis=None, with_top1=False) -> ChunkSpec:
     ce_w = _checks.concrete_float(ce_weight, "ce_weight")
     if targets is None and (ce_w is None or ce_w != 0.0):
         raise ValueError(f"ce_weight={ce_weight!r} needs targets (the hard labels, [N] int); "
@@ -143,4 +145,4 @@ def make_spec(*, divergence, kwargs, form, vocab, extra, softcap, targets, ce_we
         divergence=divergence, kwargs=tuple(sorted(kwargs.items())), form=form,
         vocab_size=vocab, softcap=softcap, with_ce=targets is not None,
         ce_in_grad=targets is not None and ce_w != 0.0, temperature_is_one=t == 1.0,
-        vocab_axis=vocab_axis, **extra)
+        vocab_axis=vocab_axis, with_top1=with_top1, **extra)

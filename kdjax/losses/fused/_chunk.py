@@ -37,6 +37,12 @@ class ChunkSpec:
     ce_in_grad: bool = False  # ce_weight may be nonzero: CE enters the gradient
     temperature_is_one: bool = False
     vocab_axis: str | None = None
+    with_top1: bool = False  # also count tokens whose student argmax is the teacher's
+
+    @property
+    def num_parts(self) -> int:
+        """Loss parts per sweep: [Σ w·D, Σ w·CE] (+ Σ w·[top-1 agrees])."""
+        return 3 if self.with_top1 else 2
 
 
 def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec: ChunkSpec,
@@ -50,7 +56,8 @@ def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec
       temperature, ce_weight: f32 scalars.
 
     Returns:
-      `([Σ w·D, Σ w·CE] f32 [2], dh [C, H] f32 | None, dW [H, V_local] f32 | None)`.
+      `(parts f32 [spec.num_parts], dh [C, H] f32 | None, dW [H, V_local] f32 | None)`,
+      parts = [Σ w·D, Σ w·CE] and, with `spec.with_top1`, Σ w·[argmax z = teacher top-1].
     """
     axis = spec.vocab_axis
     raw = jnp.dot(h, w_mat, preferred_element_type=F32)
@@ -58,11 +65,12 @@ def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec
     zt = z if spec.temperature_is_one else z / temperature
     lse = _vocab.logsumexp(zt, axis)
     logq = zt - lse[:, None]
-    if spec.form == "none":  # CE only (fused_sequence_logprobs)
+    top = None
+    if spec.form == "none":  # CE only (teacher=None, fused_sequence_logprobs)
         div, g = jnp.zeros(w.shape, F32), None
     else:
-        div, g = _teacher_terms.divergence_and_grad(logq, chunk, shared, w, temperature,
-                                                   spec, need_grad)
+        div, g, top = _teacher_terms.divergence_and_grad(logq, chunk, shared, w, temperature,
+                                                        spec, need_grad)
     live = w != 0
     parts = [jnp.sum(jnp.where(live, w * div, 0.0))]
     if spec.with_ce:
@@ -73,6 +81,9 @@ def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec
         parts.append(jnp.sum(jnp.where(live, w * ce, 0.0)))
     else:
         parts.append(jnp.zeros((), F32))
+    if spec.with_top1:
+        agree = (_vocab.argmax(z, axis) == top).astype(F32)
+        parts.append(jnp.sum(jnp.where(live, w * agree, 0.0)))
     if not need_grad:
         return jnp.stack(parts), None, None
     dz = jnp.zeros_like(z)

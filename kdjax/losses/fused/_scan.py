@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax import platform
 from kdjax.losses.fused._chunk import ChunkSpec, chunk_loss
 
 F32 = jnp.float32
 
-# A chunk's f32 logits take about this many bytes (a few such arrays are alive at once).
-_CHUNK_BYTES = 32 * 2**20
 _MIN_CHUNK, _MAX_CHUNK = 64, 4096
 
 
@@ -29,7 +28,7 @@ def auto_chunk_size(n: int, hidden: int, vocab: int) -> int:
     at most 4096 and N. `hidden` is accepted for rules that also weigh H.
     """
     del hidden
-    c = max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_BYTES // (4 * vocab)))
+    c = max(_MIN_CHUNK, min(_MAX_CHUNK, platform.fused_chunk_bytes() // (4 * vocab)))
     c = 1 << (c.bit_length() - 1)  # round down to a power of two
     return int(max(1, min(c, n)))
 
@@ -52,7 +51,8 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
     # treats a bf16 dynamic-slice as unsupported and upcasts the whole bf16 [N, V]
     # teacher to f32 before the loop (4·N·V bytes). The bitcast is not elided either,
     # so a 2·N·V-byte copy remains (tests/losses/test_fused_memory.py); GPU/TPU slice
-    # bf16 natively and get the arrays untouched.
+    # bf16 natively and get the arrays untouched. The choice keys on the platform the
+    # step is compiled for (kdjax.platform), so an AOT compile for TPU gets the TPU form.
     dtypes = jax.tree.map(lambda x: x.dtype, (h, chunk, targets))
     rows = jax.tree.map(_to_bits, (h, chunk, targets))
 
@@ -73,7 +73,7 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
                 dh, lax.dynamic_slice_in_dim(dh, start, c) + dh_c, start, axis=0)
         return (parts + p, dh, dw), None
 
-    init = (jnp.zeros(2, F32), None, None)
+    init = (jnp.zeros(spec.num_parts, F32), None, None)
     if need_grad:
         init = (init[0], jnp.zeros((n, hdim), F32), jnp.zeros((hdim, w_mat.shape[1]), F32))
     (parts, dh, dw), _ = lax.scan(step, init, jnp.arange(n_chunks))
@@ -82,7 +82,7 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
 
 def _to_bits(x):
     if (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2
-            and jax.default_backend() == "cpu"):
+            and platform.slice_16bit_as_bits()):
         return lax.bitcast_convert_type(x, jnp.uint16)
     return x
 

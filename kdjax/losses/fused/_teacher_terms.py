@@ -37,7 +37,8 @@ def teacher_logprobs(chunk, shared, temperature, spec, v_local: int) -> Array:
 
 
 def divergence_and_grad(logq, chunk, shared, w, temperature, spec, need_grad: bool):
-    """`(values [C], g [C, V_local] | None)` for the teacher form in `spec`."""
+    """`(values [C], g [C, V_local] | None, top [C] int32 | None)` for the teacher form in
+    `spec`; `top` (the teacher's most likely id) only when `spec.with_top1`."""
     v_local = logq.shape[-1]
     axis = spec.vocab_axis
     kw = dict(spec.kwargs)
@@ -48,7 +49,8 @@ def divergence_and_grad(logq, chunk, shared, w, temperature, spec, need_grad: bo
         else:
             fn = lambda lq: jnp.sum(
                 divergences.pointwise_terms(spec.divergence, logp, lq, **kw), axis=-1)
-        return _value_and_grad(fn, logq, w, need_grad, axis)
+        top = _vocab.argmax(logp, axis) if spec.with_top1 else None
+        return (*_value_and_grad(fn, logq, w, need_grad, axis), top)
     ids, data = chunk
     logq_ids = _vocab.take(logq, ids, axis)
     # L's gathered formulas take (z_ids, lse); passing (log q_ids, 0) is the same thing.
@@ -60,7 +62,11 @@ def divergence_and_grad(logq, chunk, shared, w, temperature, spec, need_grad: bo
                                                            num_samples=spec.num_samples)
     values, g_ids = _value_and_grad(fn, logq_ids, w, need_grad, None)
     g = None if g_ids is None else _vocab.scatter(g_ids, ids, v_local, axis)
-    return values, g
+    top = None
+    if spec.with_top1:  # the largest stored log-prob / count; ties to the first slot
+        pick = jnp.argmax(data, axis=-1)[:, None]
+        top = jnp.take_along_axis(ids, pick, axis=-1)[:, 0]
+    return values, g, top
 
 
 def _value_and_grad(fn, x, w, need_grad, axis):

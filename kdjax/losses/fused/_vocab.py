@@ -35,6 +35,18 @@ def logsumexp(x: Array, axis: str | None) -> Array:
     return m + jnp.log(s)
 
 
+def argmax(x: Array, axis: str | None) -> Array:
+    """Global id of the largest entry over the (possibly sharded) last axis, `[C, V_local]`
+    → `[C]` int32; ties go to the smallest id, as `jnp.argmax` does unsharded."""
+    local = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if axis is None:
+        return local
+    best = jnp.max(x, axis=-1)
+    here = best == lax.pmax(best, axis)
+    ids = local + vocab_offset(x.shape[-1], axis)
+    return lax.pmin(jnp.where(here, ids, jnp.iinfo(jnp.int32).max), axis)
+
+
 def local_ids(ids: Array, v_local: int, axis: str | None) -> tuple[Array, Array]:
     """(ids relative to this shard clipped into range, whether each id lives here)."""
     rel = ids - vocab_offset(v_local, axis)

@@ -30,7 +30,7 @@ class LocalRun:
 
 def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
                   divergence="forward_kl", temperature=1.0, ce_weight=0.0, chunk_size=None,
-                  logit_softcap=None, **divergence_kwargs):
+                  logit_softcap=None, with_top1=False, **divergence_kwargs):
     """Distillation loss from the student's hidden states, without `[N, V]` logits.
 
     Computes, chunk by chunk over tokens, z = softcap(hidden @ lm_head), the divergence
@@ -44,8 +44,9 @@ def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
       hidden: `[..., H]` f32/bf16 student final hidden states (leading axes = tokens, N).
       lm_head: `[H, V]` student output projection (an embedding table is its transpose).
       teacher: dense logits `[..., V_t]` (V_t ≥ V: columns ≥ V are masked out of the
-        teacher softmax) | `SparseTeacher` | `SampledTeacher` | `TeacherHead`. The teacher
-        gets no gradient.
+        teacher softmax) | `SparseTeacher` | `SampledTeacher` | `TeacherHead` | None (no
+        teacher: only the hard-label CE, D = 0; needs targets). The teacher gets no
+        gradient.
       targets: `[...]` int hard labels in [0, V), or None. Needed when ce_weight ≠ 0.
       mask: `[...]` bool or float token weights, or None (all tokens count).
       divergence: a name from `kdjax.losses.DIVERGENCES`. Sparse and sampled teachers
@@ -55,27 +56,36 @@ def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
       ce_weight: weight of the hard-label CE in the loss.
       chunk_size: tokens per chunk (a positive int), or None for `auto_chunk_size(N,H,V)`.
       logit_softcap: optional cap c > 0: z = c·tanh(logits/c) (Gemma 2).
+      with_top1: also return metrics["top1_agreement"] = Weighted(Σ w·[argmax z = the
+        teacher's most likely id], Σ w) (for a top-k/sampled teacher: the id with the
+        largest stored log-prob/count). Needs a teacher.
       **divergence_kwargs: the divergence's arguments (beta, alpha, mu, …).
 
     Returns:
       `(loss, metrics)`: loss = Weighted(Σ w·(D + ce_weight·CE), Σ w), differentiable in
       hidden and lm_head; metrics = {"divergence": Weighted(Σ w·D, Σ w), "ce":
-      Weighted(Σ w·CE, Σ w or 0 without targets)} for logging (no gradient).
+      Weighted(Σ w·CE, Σ w or 0 without targets)} for logging (no gradient), plus
+      "top1_agreement" when asked.
     """
     return fused_distill_impl(hidden, lm_head, teacher, targets=targets, mask=mask,
                               divergence=divergence, temperature=temperature,
                               ce_weight=ce_weight, chunk_size=chunk_size,
-                              logit_softcap=logit_softcap, **divergence_kwargs)
+                              logit_softcap=logit_softcap, with_top1=with_top1,
+                              **divergence_kwargs)
 
 
 def prepare(hidden, lm_head, teacher, *, targets, mask, divergence, temperature, ce_weight,
-            chunk_size, logit_softcap, divergence_kwargs, vocab_axis=None, vocab=None):
+            chunk_size, logit_softcap, with_top1, divergence_kwargs, vocab_axis=None,
+            vocab=None):
     """Validated, flattened operands and the static ChunkSpec (shared with `parallel`)."""
     n, hdim, v_local = _args.check_student(hidden, lm_head)
     vocab = v_local if vocab is None else vocab
     lead = hidden.shape[:-1]
     form = teacher_form(teacher)
     _args.check_divergence(divergence, form, divergence_kwargs)
+    if form == "none" and (targets is None or with_top1):
+        raise ValueError("teacher=None computes only the hard-label CE: pass targets=... "
+                         "(and no with_top1, which compares with a teacher)")
     if vocab_axis is not None and divergence == "adaptive_kl":
         raise ValueError("adaptive_kl sorts the whole vocabulary per token and has no "
                          "vocab-parallel form; use the single-device fused_distill, or a "
@@ -90,7 +100,8 @@ def prepare(hidden, lm_head, teacher, *, targets, mask, divergence, temperature,
         targets = _args.flat_tokens(targets, lead, "targets").astype(jnp.int32)
     spec = _args.make_spec(divergence=divergence, kwargs=divergence_kwargs, form=form,
                            vocab=vocab, extra=extra, softcap=cap, targets=targets,
-                           ce_weight=ce_weight, temperature=temperature, vocab_axis=vocab_axis)
+                           ce_weight=ce_weight, temperature=temperature, vocab_axis=vocab_axis,
+                           with_top1=bool(with_top1))
     c = chunk_size or auto_chunk_size(n, hdim, vocab)
     ops = (hidden.reshape(n, hdim), lm_head, chunk, shared, targets,
            _args.weights(mask, lead, n), jnp.asarray(temperature, F32),
@@ -104,18 +115,20 @@ def fused_distill_impl(hidden, lm_head, teacher, *, grad_mode="forward", run=Non
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
     kw = dict(targets=None, mask=None, divergence="forward_kl", temperature=1.0,
-              ce_weight=0.0, chunk_size=None, logit_softcap=None)
+              ce_weight=0.0, chunk_size=None, logit_softcap=None, with_top1=False)
     kw.update({k: kwargs.pop(k) for k in list(kw) if k in kwargs})
     spec, c, ops = prepare(hidden, lm_head, teacher, divergence_kwargs=kwargs,
                            vocab_axis=vocab_axis, **kw)
     plan = Plan(spec=spec, chunk_size=c, grad_mode=grad_mode, run=run or LocalRun())
     total, parts = fused_core(plan, *ops)
-    return results(total, parts, ops[5], spec.with_ce)
+    return results(total, parts, ops[5], spec)
 
 
-def results(total, parts, w, with_ce):
+def results(total, parts, w, spec):
     count = jnp.sum(w)
     parts = jax.lax.stop_gradient(parts)
-    ce_count = count if with_ce else jnp.zeros((), F32)
+    ce_count = count if spec.with_ce else jnp.zeros((), F32)
     metrics = {"divergence": Weighted(parts[0], count), "ce": Weighted(parts[1], ce_count)}
+    if spec.with_top1:
+        metrics["top1_agreement"] = Weighted(parts[2], count)
     return Weighted(total, count), metrics

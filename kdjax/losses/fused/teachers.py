@@ -70,7 +70,10 @@ class TeacherHead:
 
 
 def teacher_form(teacher) -> str:
-    """"dense" | "sparse" | "sampled" | "head" for a teacher argument (TypeError otherwise)."""
+    """"dense" | "sparse" | "sampled" | "head" | "none" (teacher=None: CE only) for a
+    teacher argument (TypeError otherwise)."""
+    if teacher is None:
+        return "none"
     if isinstance(teacher, SparseTeacher):
         return "sparse"
     if isinstance(teacher, SampledTeacher):
@@ -80,6 +83,7 @@ def teacher_form(teacher) -> str:
     if hasattr(teacher, "shape") and hasattr(teacher, "dtype"):
         return "dense"
     raise TypeError(
-        f"teacher must be dense logits [N, V_t], SparseTeacher, SampledTeacher or TeacherHead; "
+        f"teacher must be dense logits [N, V_t], SparseTeacher, SampledTeacher, TeacherHead "
+        f"or None (hard-label CE only); "
         f"got {type(teacher).__name__}"
     )

@@ -5,7 +5,8 @@ store). Held-out documents are chosen by a seeded permutation of whole documents
 packing, so no document is in both. Writing is resumable: an interrupted run leaves
 stores marked incomplete (readers refuse them); re-running the same command finishes
 only the missing shards. A different command on the same directory is refused unless
-`overwrite=True`.
+`overwrite=True`. The stores are shared by all hosts, so in a multi-process job one
+process packs and the others wait for it (`kdjax.distributed.on_primary`).
 """
 
 from __future__ import annotations
@@ -24,20 +25,23 @@ from kdjax.data.pack import fill_rows, plan_packing
 from kdjax.data.sources import load_source
 from kdjax.data.token_store import KIND, data_fingerprint, rows_digest, token_arrays
 from kdjax.data.tokenize import Fields, column_names, tokenize_dataset, tokenizer_fingerprint
+from kdjax.distributed import primary_writes
 from kdjax.storage import RowStoreWriter, fingerprint_bytes
 
 log = logging.getLogger(__name__)
 
 
 def _jax_started() -> bool:
-    """Whether this process has initialized a JAX backend (then os.fork is unsafe)."""
+    """Whether this process runs a JAX backend or jax.distributed's client (their threads
+    make os.fork unsafe)."""
     import sys
 
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    from jax._src import distributed, xla_bridge
 
-    return bool(xla_bridge.backends_are_initialized())
+    return (bool(xla_bridge.backends_are_initialized())
+            or distributed.global_state.client is not None)
 
 
 def _materialize(docs, progress: bool, cache_dir: str | None):
@@ -110,6 +114,7 @@ def _write_split(docs, indices: np.ndarray, path: Path, *, seq_len: int, vocab_s
             "fill": manifest["fill"], "fingerprint": manifest["data_fingerprint"]}
 
 
+@primary_writes("pack")
 def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len: int,
                       text_field: str | None = None, messages_field: str | None = None,
                       prompt_field: str | None = None, response_field: str | None = None,
@@ -136,7 +141,8 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
 
     Returns:
       {"train": {path, rows, tokens, fill, fingerprint}, "eval": {...} (if any),
-       "seconds": float}.
+       "seconds": float}. In a multi-process job only process 0 tokenizes and writes; the
+      others wait for it and return its summary (as JSON values).
     """
     import datasets
     from transformers import AutoTokenizer
@@ -154,8 +160,9 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
     if num_proc is None and not isinstance(ds, datasets.IterableDataset) and len(ds) >= 20_000:
         num_proc = min(os.cpu_count() or 1, 16)  # worth the process start-up cost
     if num_proc and num_proc > 1 and _jax_started():
-        log.info("JAX is already running in this process and forking it can deadlock; "
-                 "tokenizing in-process (run `kdjax pack` on its own for parallelism)")
+        log.info("JAX (a backend or jax.distributed) runs in this process and forking it "
+                 "can deadlock; tokenizing in-process (run `kdjax pack` as a single process "
+                 "for parallel tokenization)")
         num_proc = None
     docs = tokenize_dataset(ds, tokenizer, fields, num_proc=num_proc)
     if isinstance(docs, datasets.IterableDataset):

@@ -3,11 +3,17 @@
 Example:
   kdjax pack data/*.jsonl --tokenizer path/to/tokenizer --seq-len 2048 --out stores/tokens \
       --eval-fraction 0.01
+
+Multi-process (the same command on every host, e.g. a TPU pod's): add `--distributed`, or
+`--num-processes P --process-id I --coordinator-address HOST:PORT`. Process 0 packs the
+shared stores; the others wait for it and end with the same summary.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from kdjax.distributed import add_distributed_args, initialize_from_args, is_primary
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="datasets cache directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing store built with different settings")
+    add_distributed_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -44,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from kdjax.data.build import build_token_store
 
+    initialize_from_args(args)
     source = args.source[0] if len(args.source) == 1 else args.source
     out = build_token_store(
         source, args.tokenizer, args.out, seq_len=args.seq_len, text_field=args.text_field,
@@ -53,10 +61,19 @@ def run(args) -> int:
         max_docs=args.max_docs, seed=args.seed, pack_mode=args.pack_mode,
         shard_rows=args.shard_rows, num_proc=args.num_proc, overwrite=args.overwrite,
         cache_dir=args.cache_dir)
+    if is_primary():  # one summary per job, from the process that wrote the stores
+        print("\n".join(summary_lines(out, args.seq_len)))
+    return 0
+
+
+def summary_lines(out: dict, seq_len: int) -> list[str]:
+    """The human summary of a `build_token_store` result."""
+    lines = []
     for name in ("train", "eval"):
         if name in out:
             s = out[name]
-            print(f"{name}: {s['rows']} rows × {args.seq_len} tokens, {s['tokens']} tokens "
-                  f"({100 * s['fill']:.1f}% filled) → {s['path']} (data {s['fingerprint'][:12]})")
-    print(f"packed in {out['seconds']:.1f}s")
-    return 0
+            lines.append(f"{name}: {s['rows']} rows × {seq_len} tokens, {s['tokens']} tokens "
+                         f"({100 * s['fill']:.1f}% filled) → {s['path']} "
+                         f"(data {s['fingerprint'][:12]})")
+    lines.append(f"packed in {out['seconds']:.1f}s")
+    return lines

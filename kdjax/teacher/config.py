@@ -12,6 +12,16 @@ YAML (`kdjax precompute --config precompute.yaml [key=value ...]`):
     temperature: 1.0
     batch_size: 32                   # global rows per teacher forward
     shard_rows: 256                  # rows per shard file (the commit/resume unit)
+    dtype: bfloat16                  # teacher compute dtype (the default); float32 = full
+                                     # precision
+
+The teacher runs in bfloat16 by default, weights included (it has no optimizer state and
+is only read): weights and activations are bf16, matmuls accumulate in f32 (XLA's bf16
+dots on CPU, GPU and TPU), and the top-k and sampled signals come from f32 logits (the
+vocabulary projection accumulates into f32; log-softmax, top-k and draws run in f32).
+Dense stores hold the decoder's logits, which are in the compute dtype: use
+`dtype=float32` for a dense store. The manifest records the compute dtype
+(`teacher_dtype`), and a store is resumed only with the same one.
 """
 
 from __future__ import annotations
@@ -48,7 +58,11 @@ class PrecomputeConfig:
       chunk_rows: rows per crc32c chunk (the random-read unit of the loader).
       hidden_layers: residual-stream indices whose hidden states are also stored.
       hidden_dtype, dense_dtype, logprob_dtype: stored dtypes.
-      dtype, param_dtype: teacher compute / parameter dtype (None = checkpoint default).
+      dtype: teacher compute dtype, "bfloat16" (default), "float32" or "float16"; the
+        logits the signal is computed from are f32 whatever it is.
+      param_dtype: dtype the teacher's weights are loaded in; None (default) = `dtype`.
+        Both apply when `teacher` is loaded from its checkpoint; a model passed to
+        `precompute(model=...)` runs as built.
       mesh: (data, fsdp, tensor) sizes; one may be -1 (all remaining devices).
       teacher_fingerprint: overrides hashing the checkpoint (e.g. a model hub revision).
       overwrite: replace an existing store written with different settings.
@@ -71,7 +85,7 @@ class PrecomputeConfig:
     hidden_dtype: str = "bfloat16"
     dense_dtype: str = "float32"
     logprob_dtype: str = "float32"
-    dtype: str | None = None
+    dtype: str = "bfloat16"
     param_dtype: str | None = None
     mesh: tuple[int, int, int] = (-1, 1, 1)
     teacher_fingerprint: str | None = None
@@ -96,6 +110,10 @@ class PrecomputeConfig:
             raise ValueError(f"mesh must be (data, fsdp, tensor), got {self.mesh}")
         for name in ("hidden_dtype", "dense_dtype", "logprob_dtype"):
             _check_float_dtype(name, getattr(self, name))
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value is not None or name == "dtype":
+                _check_teacher_dtype(name, value)
 
     @classmethod
     def from_dict(cls, values: Mapping) -> PrecomputeConfig:
@@ -130,6 +148,21 @@ class PrecomputeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def teacher_param_dtype(self) -> str:
+        """The dtype the teacher's weights are loaded in (`param_dtype`, else `dtype`)."""
+        return self.param_dtype or self.dtype
+
+
+TEACHER_DTYPES = ("bfloat16", "float32", "float16")
+
+
+def _check_teacher_dtype(name: str, value) -> None:
+    if value not in TEACHER_DTYPES:
+        raise ValueError(f"{name} must be one of {TEACHER_DTYPES} (the teacher's compute "
+                         f"dtype; bfloat16 is the default, float32 for full precision), "
+                         f"got {value!r}")
 
 
 def _check_float_dtype(name: str, value: str) -> None:

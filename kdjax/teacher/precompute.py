@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from kdjax import distributed
 from kdjax.sharding import data_parallel_size, logical_to_spec, make_mesh
 from kdjax.storage import ShardLedger, fingerprint_dir
 from kdjax.storage.rowstore import RowStoreWriter
@@ -30,11 +31,6 @@ from kdjax.teacher.config import PrecomputeConfig
 from kdjax.teacher.progress import Progress, summary_lines
 from kdjax.teacher.step import build_step, normalize_layers, shard_stats, total_stats
 from kdjax.teacher.writer import BackgroundWriter, ShardAssembler
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"kdjax-precompute-{name}")
 
 
 def _teacher_fingerprint(config: PrecomputeConfig, model) -> str:
@@ -67,18 +63,19 @@ def _metadata(config: PrecomputeConfig, tokens, mcfg, layers, teacher_fp: str) -
 
 
 def _open_writer(config, layout, num_rows, metadata) -> RowStoreWriter:
-    """Process 0 creates (or resumes) the store first; the others then open it."""
+    """Process 0 creates (or resumes, or refuses) the store first; the others then open it."""
     kw = dict(arrays=layout, num_rows=num_rows, shard_rows=config.shard_rows,
               chunk_rows=config.chunk_rows, metadata=metadata)
-    pid = jax.process_index()
-    writer = None
-    if pid == 0:
-        writer = RowStoreWriter(config.out, overwrite=config.overwrite, lock_name="writer-0",
-                                **kw)
-    _barrier("created")
-    if pid != 0:
-        writer = RowStoreWriter(config.out, lock_name=f"writer-{pid}", **kw)
-    return writer
+    made = []
+
+    def create():
+        made.append(RowStoreWriter(config.out, overwrite=config.overwrite,
+                                   lock_name="writer-0", **kw))
+
+    distributed.on_primary("precompute-create", create)
+    if made:
+        return made[0]
+    return RowStoreWriter(config.out, lock_name=f"writer-{jax.process_index()}", **kw)
 
 
 def _todo(writer: RowStoreWriter) -> list[int]:
@@ -87,7 +84,7 @@ def _todo(writer: RowStoreWriter) -> list[int]:
     missing[writer.missing_shards()] = 1
     if jax.process_count() > 1:
         missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-    _barrier("planned")
+    distributed.barrier("precompute-planned")
     return [int(s) for s in np.flatnonzero(missing)]
 
 
@@ -96,7 +93,9 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
 
     Args:
       config: what to run (see `PrecomputeConfig`).
-      model: a `kdjax.models.Decoder` (default: `from_pretrained(config.teacher)`).
+      model: a `kdjax.models.Decoder`, run as built (its `config.dtype` is the compute
+        dtype the manifest records); default: `from_pretrained(config.teacher)` in
+        `config.dtype` (bfloat16 unless set) with `config.teacher_param_dtype` weights.
       token_store: an opened token store (default: `open_token_store(config.tokens)`).
       mesh: device mesh (default: `make_mesh(*config.mesh)` over all devices).
     Returns:
@@ -113,7 +112,7 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
         from kdjax.models import from_pretrained
 
         model = from_pretrained(config.teacher, mesh=mesh, dtype=config.dtype,
-                                param_dtype=config.param_dtype)
+                                param_dtype=config.teacher_param_dtype)
     mcfg = model.config
     if token_store.vocab_size > mcfg.vocab_size:
         raise ValueError(f"the token store's vocabulary ({token_store.vocab_size}) is larger "
@@ -132,13 +131,8 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
         t0 = time.perf_counter()
         timing = _run(config, model, mesh, token_store, writer, todo, layers)
         seconds = time.perf_counter() - t0
-        _barrier("written")
-        if jax.process_index() == 0:
-            ledger = ShardLedger(writer.path, writer.num_shards)
-            infos = [ledger.info(s) for s in range(writer.num_shards)]
-            stats = total_stats(infos, config.mode, config.num_samples, mcfg.vocab_size)
-            writer.finalize({"stats": stats})
-        _barrier("finalized")
+        distributed.barrier("precompute-written")
+        distributed.on_primary("precompute-finalize", _finalize, writer, config, mcfg)
     finally:
         writer.close()
     manifest = _store.open_teacher_store(config.out).manifest
@@ -150,9 +144,18 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
     # throughput after compilation (the first step), comparable to a warm forward
     summary["steady_tokens_per_s"] = ((timing["rows"] - timing["warm_rows"]) * length
                                       / max(timing["steady_seconds"], 1e-9))
-    if config.progress and jax.process_index() == 0:
+    if config.progress and distributed.is_primary():
         print("\n".join(summary_lines(summary)))
     return summary
+
+
+def _finalize(writer: RowStoreWriter, config: PrecomputeConfig, mcfg) -> None:
+    """Sums the shards' statistics into the manifest and marks the store complete (the
+    manifest is shared: only the primary process writes it)."""
+    ledger = ShardLedger(writer.path, writer.num_shards)
+    infos = [ledger.info(s) for s in range(writer.num_shards)]
+    stats = total_stats(infos, config.mode, config.num_samples, mcfg.vocab_size)
+    writer.finalize({"stats": stats})
 
 
 def _local_batch(config: PrecomputeConfig, mesh) -> int:

@@ -35,9 +35,10 @@ Array = jax.Array
 
 MODES = ("sampled", "topk", "dense")
 # Bumped whenever the same (seed, row, teacher) gives different stored values (2: draws
-# from exp(x − max) block sums, block-wise top-k). Part of the store's plan, so a resumed
-# store never mixes shards of two versions (the writer refuses a different plan).
-SIGNAL_VERSION = 2
+# from exp(x − max) block sums, block-wise top-k; 3: f32 logits of 16-bit teachers). Part
+# of the store's plan, so a resumed store never mixes shards of two versions (the writer
+# refuses a different plan).
+SIGNAL_VERSION = 3
 __all__ = ["MODES", "SIGNAL_VERSION", "chunked_signal", "compact", "count_dtype",
            "dense_signal", "draw", "id_dtype", "row_keys", "row_uniforms", "sampled_signal",
            "teacher_logprobs", "topk_signal"]
@@ -213,6 +214,13 @@ def _check_k(k: int, v: int) -> None:
         raise ValueError(f"top-k needs 1 <= k <= vocab size, got k={k} with V={v}")
 
 
+def _barrier(outputs):
+    """An optimization barrier on each output of a `lax.top_k` separately: one barrier
+    over the (values, ids) pair consumes the TopK tuple itself, which XLA:CPU's TopK
+    decomposer (run inside shard_map bodies) cannot handle (a check failure)."""
+    return tuple(lax.optimization_barrier(o) for o in outputs)
+
+
 def _topk(x: Array, k: int, block: int = BLOCK) -> dict[str, Array]:
     """`topk_signal` of scaled logits x [..., V].
 
@@ -228,13 +236,13 @@ def _topk(x: Array, k: int, block: int = BLOCK) -> dict[str, Array]:
     # XLA:CPU drops its fast TopK kernel for a full comparator sort (~25x slower).
     if v >= 2 * k * block:
         xb = _blocks(x, block)
-        _, top_blocks = lax.optimization_barrier(lax.top_k(jnp.max(xb, -1), k))
+        top_blocks = _barrier(lax.top_k(jnp.max(xb, -1), k))[1]
         top_blocks = jnp.sort(top_blocks, -1)  # id order, so ties keep the smaller id
         cand = jnp.take_along_axis(xb, top_blocks[..., None], axis=-2)
-        vals, pos = lax.optimization_barrier(lax.top_k(cand.reshape(x.shape[:-1] + (-1,)), k))
+        vals, pos = _barrier(lax.top_k(cand.reshape(x.shape[:-1] + (-1,)), k))
         ids = jnp.take_along_axis(top_blocks, pos // block, -1) * block + pos % block
     else:
-        vals, ids = lax.optimization_barrier(lax.top_k(x, k))
+        vals, ids = _barrier(lax.top_k(x, k))
     # p = exp(x − m) / s with m = the top value. The tail: Σ p below the k-th value, plus
     # the ids tied with it that top_k left out (they equal it exactly). Summing the tail
     # itself keeps a 1e-9 tail exact (1 − Σ_topk p would round to 0), and s = top k + tail
@@ -262,8 +270,9 @@ def chunked_signal(hidden: Array, lm_head: Array, mode: str, *, keys: Array | No
 
     Args:
       hidden: [B, L, H] final hidden states (after the last norm), in the compute dtype.
-      lm_head: [H, V] vocabulary projection (`Decoder.lm_head()`); logits are computed in
-        its dtype as the model does (`project`), then cast to f32.
+      lm_head: [H, V] vocabulary projection (`Decoder.lm_head()`) in the compute dtype;
+        the logits are its product with `hidden` accumulated into f32 (never rounded to a
+        bf16 teacher's compute dtype).
       mode: "sampled" (needs keys [B], num_samples, num_slots) or "topk" (needs k).
       chunk_len: positions per chunk (per row); the step uses 256 tokens per device
         (`kdjax.teacher.step.CHUNK_TOKENS`), a [256, 32k] f32 block of logits (32 MB).
@@ -298,7 +307,9 @@ def chunked_signal(hidden: Array, lm_head: Array, mode: str, *, keys: Array | No
         hc, *ex = args
         # the signal runs on `[B·c, V]` rows: XLA:CPU reduces a `[1, c, V]` block (one row
         # per device) over V several times slower than the same data as `[c, V]`
-        logits = hc.reshape(b * c, h) @ lm_head
+        # f32 logits from the compute-dtype operands: rounded to bf16, a bf16 teacher's
+        # logits would be off by up to 1/16 at |logit| in [16, 32), in log-probs and top-k
+        logits = jnp.dot(hc.reshape(b * c, h), lm_head, preferred_element_type=jnp.float32)
         sig = fn(_scaled(logits, temperature), *(e.reshape((b * c,) + e.shape[2:])
                                                  for e in ex))
         return jax.tree.map(lambda a: a.reshape((b, c) + a.shape[1:]), sig)

@@ -13,7 +13,9 @@
         tokenizer when the run names one.
 
 Multi-process (one command per host): add `--distributed` (TPU pods, SLURM) or
-`--num-processes P --process-id I --coordinator-address HOST:PORT`.
+`--num-processes P --process-id I --coordinator-address HOST:PORT`. Every process computes;
+process 0 alone writes what the hosts share (the packed stores of `data.dataset`, the
+export) and prints the summary, the others wait for it (`kdjax.distributed.on_primary`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import os
 import sys
 
-from kdjax.distributed import add_distributed_args, initialize_from_args
+from kdjax.distributed import add_distributed_args, initialize_from_args, is_primary, on_primary
 
 TOKENIZER_FILES = (".model", ".tiktoken", ".jinja", "merges.txt", "vocab.json", "vocab.txt")
 OVERRIDES_HELP = "config overrides, e.g. optimizer.lr=3e-4 steps=500 (values are YAML)"
@@ -57,6 +59,7 @@ def add_parser(subparsers) -> None:
     x.add_argument("--dtype", help="stored dtype, e.g. bfloat16 (default: float32 masters)")
     x.add_argument("--tokenizer", help="tokenizer directory to copy alongside (default: "
                    "the run's data.tokenizer)")
+    add_distributed_args(x)
     x.set_defaults(func=run_export)
 
 
@@ -96,7 +99,8 @@ def run_train(args) -> int:
         summary = train(config)
     except (ConfigError, ResumeError) as e:
         return _fail("train", e)
-    _print_summary("train", summary)
+    if is_primary():
+        _print_summary("train", summary)
     return 0
 
 
@@ -115,9 +119,16 @@ def _check_resume_early(config) -> int | None:
 
 def pack_if_needed(config) -> dict | None:
     """Packs `data.dataset` into the token stores named by `data.train` / `data.eval` when
-    `data.train` does not exist yet (what `kdjax pack` does); returns its summary."""
+    `data.train` does not exist yet (what `kdjax pack` does); returns its summary. In a
+    multi-process job process 0 checks and packs, the others wait (all see one answer)."""
+    if config.data.dataset is None:
+        return None
+    return on_primary("pack", _pack_if_missing, config)
+
+
+def _pack_if_missing(config) -> dict | None:
     data = config.data
-    if data.dataset is None or os.path.exists(os.path.join(data.train, "manifest.json")):
+    if os.path.exists(os.path.join(data.train, "manifest.json")):
         return None
     from kdjax.data.build import build_token_store
 
@@ -144,6 +155,8 @@ def run_eval(args) -> int:
         metrics = evaluate_checkpoint(config, step=args.step)
     except (ConfigError, FileNotFoundError) as e:
         return _fail("eval", e)
+    if not is_primary():  # every process computed the same metrics; one reports them
+        return 0
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
     else:
@@ -179,31 +192,39 @@ def evaluate_checkpoint(config, step: int | None = None) -> dict:
 
 
 def run_export(args) -> int:
-    import shutil
-
     from kdjax.train.checkpoint import restore_student
     from kdjax.train.config import ConfigError
 
     try:
         config = _run_config(args.run_dir, [])
+        tokenizer = args.tokenizer or config.data.tokenizer
+        if args.tokenizer and not os.path.isdir(tokenizer):
+            raise FileNotFoundError(f"--tokenizer {tokenizer!r} is not a directory")
+        initialize_from_args(args)
+        # every process restores (orbax restores collectively); one writes the directory
         model, step = restore_student(config, args.step)
+        out = on_primary("export", _write_export, model, args.out, args.dtype, tokenizer)
     except (ConfigError, FileNotFoundError) as e:
         return _fail("export", e)
+    if is_primary():
+        copied = f" with the tokenizer from {tokenizer}" if out["tokenizer"] else ""
+        print(f"exported the student at step {step} of {args.run_dir} to {out['path']}{copied}")
+    return 0
+
+
+def _write_export(model, out_dir: str, dtype: str | None, tokenizer: str | None) -> dict:
+    """Writes the HF directory (and copies the tokenizer's files); returns what it wrote."""
+    import shutil
+
     from kdjax.models import save_pretrained
 
-    out = save_pretrained(model, args.out, dtype=args.dtype)
-    copied = ""
-    tokenizer = args.tokenizer or config.data.tokenizer
-    if tokenizer and os.path.isdir(tokenizer):
+    out = save_pretrained(model, out_dir, dtype=dtype)
+    copied = bool(tokenizer and os.path.isdir(tokenizer))
+    if copied:
         for name in os.listdir(tokenizer):
             if "token" in name or name.endswith(TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tokenizer, name), out / name)
-        copied = f" with the tokenizer from {tokenizer}"
-    elif args.tokenizer:
-        return _fail("export", FileNotFoundError(f"--tokenizer {tokenizer!r} is not a "
-                                                 "directory"))
-    print(f"exported the student at step {step} of {args.run_dir} to {out}{copied}")
-    return 0
+    return {"path": str(out), "tokenizer": copied}
 
 
 def _print_summary(command: str, summary) -> None:

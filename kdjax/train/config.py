@@ -114,7 +114,10 @@ class TeacherConfig:
     path: str | None = None
     """HF checkpoint directory of the teacher for online KD; None for offline (store) KD."""
     dtype: str = "bfloat16"
-    """Compute and parameter dtype of the frozen teacher."""
+    """Compute and parameter dtype of the frozen teacher: bfloat16 by default (it has no
+    optimizer state, so bf16 weights halve its memory; matmuls accumulate in f32, and the
+    fused loss, the default, computes the teacher's logits in f32); float32 for full
+    precision."""
     remat: str = "full"
     """Teacher remat policy (none | full | dots | dots_no_batch); its activations are not
     needed for a backward pass, so full remat costs nothing extra."""

@@ -58,7 +58,10 @@ def reference(tiny):
 def stores(tiny):
     """One store per mode: topk through `kdjax precompute --config`, the others in process."""
     root, teacher, tokens = tiny
-    base = dict(teacher=teacher, tokens=tokens, batch_size=8, shard_rows=8, progress=False)
+    # float32: these stores are compared with the f32 reference to 2e-5 (the default
+    # bfloat16 teacher is tested against an f32 one in test_teacher_dtype.py)
+    base = dict(teacher=teacher, tokens=tokens, batch_size=8, shard_rows=8, dtype="float32",
+                progress=False)
     cfg_file = root / "topk.yaml"
     cfg_file.write_text(yaml.safe_dump({**base, "mode": "topk", "k": K,
                                         "hidden_layers": [-1]}))
@@ -177,7 +180,7 @@ def test_second_writer_and_changed_plan_are_refused(stores, tiny):
     root, teacher, tokens = tiny
     cfg = PrecomputeConfig(teacher=teacher, tokens=tokens, out=stores[0]["topk"],
                            mode="topk", k=K, hidden_layers=(-1,), batch_size=8, shard_rows=8,
-                           progress=False)
+                           dtype="float32", progress=False)
     with WriterLock(cfg.out, "writer-0"), pytest.raises(StoreLockedError, match="another"):
         precompute(cfg)
     changed = PrecomputeConfig(**{**cfg.to_dict(), "k": K + 1})
@@ -192,9 +195,9 @@ def test_resume_with_another_signal_version_is_refused(stores, tiny, monkeypatch
     root, teacher, tokens = tiny
     cfg = PrecomputeConfig(teacher=teacher, tokens=tokens, out=stores[0]["sampled"],
                            mode="sampled", num_samples=N, num_slots=N, seed=3, batch_size=8,
-                           shard_rows=8, progress=False)
+                           shard_rows=8, dtype="float32", progress=False)
     monkeypatch.setattr(signal, "SIGNAL_VERSION", signal.SIGNAL_VERSION + 1)
-    with pytest.raises(StoreMismatchError, match="signal_version"):
+    with pytest.raises(StoreMismatchError, match=r"differs in: signal_version\)"):
         precompute(cfg)
 
 

@@ -147,6 +147,48 @@ def test_export_writes_the_checkpointed_student(run, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.multiprocess
+def test_two_processes_export_once(run, tmp_path):
+    """`kdjax export` on 2 processes (jax.distributed on localhost): both restore the
+    checkpoint, process 0 alone writes the directory and prints the summary."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config, params, _ = run
+    worker = os.path.join(os.path.dirname(__file__), "_mp_export_worker.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "hf"
+    procs = [subprocess.Popen(
+        [sys.executable, worker, str(port), str(i), str(config.run_dir), str(out),
+         str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    got = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert got[0]["writes"] == [str(out)] and got[1]["writes"] == []
+    assert "exported the student at step 4" in logs[0]
+    assert "exported the student" not in logs[1]
+    loaded = nnx.to_pure_dict(nnx.state(from_pretrained(out), nnx.Param))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_refuses_a_missing_tokenizer_before_writing(run, tmp_path, capsys):
+    config, _, _ = run
+    out = tmp_path / "hf"
+    assert main(["export", str(config.run_dir), "--out", str(out), "--tokenizer",
+                 str(tmp_path / "no-tokenizer")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_train_resumes_and_refuses_a_changed_config_early(run, monkeypatch, capsys):
     """`kdjax train` on a run directory with a checkpoint says it resumes, and refuses a
     changed config before anything is built (the loop itself is stubbed here)."""

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import pytest
 import yaml
 
@@ -180,6 +181,22 @@ def test_check_devices_resolves_the_mesh(tiny_yaml):
         config.replace("mesh.tensor=1").check_devices(64)
     with pytest.raises(ConfigError, match="do not divide"):
         config.check_devices(6)
+
+
+def test_online_teacher_computes_in_bfloat16_unless_asked(tiny_yaml, tmp_path):
+    """The teacher default is bf16 (weights too: `build_teacher` loads params in it)."""
+    from kdjax.models import DecoderConfig, init_decoder, save_pretrained
+    from kdjax.train.loop import build_teacher
+
+    path = save_pretrained(init_decoder(DecoderConfig(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)),
+        tmp_path / "teacher")
+    online = ["store.path=null", "store.mode=null", f"teacher.path={path}"]
+    assert load_config(tiny_yaml, online).teacher.dtype == "bfloat16"
+    assert load_config(tiny_yaml, [*online, "teacher.dtype=float32"]).teacher.dtype == "float32"
+    _error([*online, "teacher.dtype=fp8"], tiny_yaml, "teacher.dtype")
+    _, params, _ = build_teacher(str(path), "bfloat16", mesh=None)
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
 
 
 def test_every_divergence_is_accepted(tiny_yaml):

@@ -18,7 +18,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 

@@ -80,29 +80,30 @@ def _student_state(layout):
     return create_train_state(Decoder(CFG, rngs=nnx.Rngs(0)), SPEC.build(), mesh=mesh, seed=0)
 
 
-@functools.cache
-def compiled_train(mode, layout):
+def _inputs(mode, layout):
+    """(mesh, student state, abstract batch and its sharding, teacher or None, the
+    teacher's (params, rest) argument)."""
     mesh = _mesh(layout)
-    state = _student_state(layout)
     batch, sharding = _batch(mesh, mode)
     teacher = _teacher(layout) if mode == "online" else None
+    t_arrays = (teacher[1], teacher[2]) if teacher else (None, None)
+    return mesh, _student_state(layout), batch, sharding, teacher, t_arrays
+
+
+@functools.cache
+def compiled_train(mode, layout):
+    mesh, state, batch, sharding, teacher, t_arrays = _inputs(mode, layout)
     step = make_train_step(MODES[mode], SPEC.build(), state=state, mesh=mesh,
                            batch_sharding=sharding, teacher=teacher)
-    t_arrays = (teacher[1], teacher[2]) if teacher else (None, None)
     with jax.set_mesh(mesh):
         return step.jitted.lower(state, batch, t_arrays).compile()
 
 
 @functools.cache
 def compiled_eval(mode, layout):
-    mesh = _mesh(layout)
-    state = _student_state(layout)
-    batch, _ = _batch(mesh, mode)
-    teacher = _teacher(layout) if mode == "online" else None
-    manifest = None if teacher else dict(MODES[mode].store_manifest)
-    fn = ev._jitted_eval(state.graphdef, mesh, teacher[0] if teacher else None,
-                         tuple(sorted((manifest or {}).items())))
-    t_arrays = (teacher[1], teacher[2]) if teacher else (None, None)
+    mesh, state, batch, _, teacher, t_arrays = _inputs(mode, layout)
+    manifest = () if teacher else tuple(sorted(MODES[mode].store_manifest))
+    fn = ev._jitted_eval(state.graphdef, mesh, teacher[0] if teacher else None, manifest)
     with jax.set_mesh(mesh):
         return fn.lower(state.params["model"], state.rest, batch, t_arrays).compile()
 

@@ -99,6 +99,15 @@ def row_view_reductions() -> bool:
     return is_cpu()
 
 
+def attention_head_major() -> bool:
+    """Run grouped-query attention as one `[B, kv, g·L, d]` batched matmul per kv head
+    (each kv head's query group folded into the rows): ~6% faster fwd+bwd on XLA:CPU than
+    the 5-D einsum, whose gradients XLA transposes. The fold merges the head axis (split
+    over `tensor`) with the length axis, which forces a gather of q and of the logits
+    under tensor parallelism, so elsewhere the heads stay a separate axis."""
+    return is_cpu()
+
+
 def param_rng_impl() -> str:
     """PRNG implementation for parameter init: XLA:CPU compiles RngBitGenerator ("rbg")
     ~4x faster than threefry, which dominates start-up on CPU."""

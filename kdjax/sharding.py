@@ -135,7 +135,10 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if len(logical_axes) != x.ndim:
         raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} "
                          f"for an array of shape {x.shape}")
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh=mesh))
+    # with the shape, an axis that does not divide its dimension (2 kv heads on a 4-way
+    # tensor axis) stays replicated instead of padding unevenly, which gathers the batch
+    return jax.lax.with_sharding_constraint(
+        x, logical_to_spec(logical_axes, mesh=mesh, shape=x.shape))
 
 
 def variable_logical_axes(variable) -> tuple[str | None, ...] | None:

@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (the `tpu` extra, for ahead-of-time TPU compiles) must not query a cloud
 # metadata server: nothing here may reach one
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# xdist workers may start libtpu at the same time; without this the second fails on its lock
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -7,6 +7,7 @@ from .decoder import (
     DecoderOutput,
     init_decoder,
     positions_from_segments,
+    weight_decay_mask,
     with_config,
 )
 from .hf import from_pretrained, save_pretrained
@@ -26,5 +27,6 @@ __all__ = [
     "positions_from_segments",
     "save_pretrained",
     "train_bpe_tokenizer",
+    "weight_decay_mask",
     "with_config",
 ]

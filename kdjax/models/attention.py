@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax import platform
 from kdjax.sharding import constrain
 
+from . import fused_attention
 from .layers import Dense, RMSNorm, apply_rope, rows
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so fully masked (padding) rows stay finite
@@ -58,12 +60,17 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.num_kv_heads, self.head_dim, self.dtype = k, d, cfg.dtype
+        self.sliding_window = cfg.sliding_window
 
-    def __call__(self, x, cos, sin, mask, *, cache=None, cache_index=None,
-                 return_scores=False):
+    def __call__(self, x, cos, sin, mask, *, segment_ids=None, impl="xla", cache=None,
+                 cache_index=None, return_scores=False):
         """Args:
           x: `[B, L, H]`; cos, sin: `[B, L, head_dim]` f32; mask: `[B, L, Lk]` bool
-            (Lk = L, or the cache length when `cache` is given).
+            (Lk = L, or the cache length when `cache` is given) for the "xla" kernel,
+            else unused (may be None).
+          segment_ids: `[B, L]` int (0 = padding), what the fused kernels mask by.
+          impl: "xla" | "cudnn" | "splash", from `fused_attention.resolve`; scores and a
+            cache always take "xla".
           cache: None or `{"k", "v"}: [B, S, kv_heads, head_dim]`; the new keys/values are
             written at `cache_index` and attention runs over the whole cache.
         Returns:
@@ -80,10 +87,20 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
-        # without a cache the mask is causal in row order, so later key blocks can be skipped
-        blocks = 1 if cache is not None or return_scores else causal_query_blocks(x.shape[1])
-        out, scores = attend(q, k, v, mask, self.num_kv_heads, self.dtype, return_scores,
-                             query_blocks=blocks)
+        if cache is not None or return_scores or impl == "xla":
+            # without a cache the mask is causal in row order, so later key blocks can be
+            # skipped (the XLA kernel on CPU; accelerators run their fused kernels)
+            blocks = (causal_query_blocks(x.shape[1])
+                      if cache is None and not return_scores
+                      and platform.causal_query_blocks_enabled() else 1)
+            out, scores = attend(q, k, v, mask, self.num_kv_heads, self.dtype,
+                                 return_scores, query_blocks=blocks)
+        else:
+            kernel = {"cudnn": fused_attention.cudnn_attention,
+                      "splash": fused_attention.splash_attention}[impl]
+            out = kernel(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids,
+                         self.sliding_window)
+            out, scores = constrain(out, ("batch", "length", "heads", "head_dim")), None
         return self.o(out), scores, cache
 
 
@@ -99,7 +116,7 @@ def causal_query_blocks(length: int, block: int = 128, max_blocks: int = 8) -> i
 
 def attend(q, k, v, mask, num_kv_heads: int, dtype, return_scores: bool = False,
            query_blocks: int = 1):
-    """`softmax(q kᵀ/√d + mask) v` for grouped query heads.
+    """`softmax(q kᵀ/√d + mask) v` for grouped query heads: the XLA reference kernel.
 
     Args:
       q: `[B, Lq, heads, d]`; k, v: `[B, Lk, kv_heads, d]`; mask: `[B, Lq, Lk]` bool.
@@ -122,18 +139,38 @@ def attend(q, k, v, mask, num_kv_heads: int, dtype, return_scores: bool = False,
                 for i in range(query_blocks)]
         out = jnp.concatenate(outs, axis=1)
         return constrain(out, ("batch", "length", "heads", "head_dim")), None
+    form = _attend_head_major if platform.attention_head_major() else _attend_grouped
+    out, logits = form(q, k, v, mask, num_kv_heads, dtype)
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    b, lq, n, _ = q.shape
+    scores = logits.reshape(b, n, lq, k.shape[1]) if return_scores else None
+    return out, scores
+
+
+def _attend_grouped(q, k, v, mask, kv: int, dtype):
+    """The plain form: heads stay their own axes (`[B, L, kv, g, d]`), so a head axis split
+    over `tensor` stays split. Returns `(out [B, Lq, heads, d], logits [B, kv, g, Lq, Lk]
+    f32)`."""
     b, lq, n, d = q.shape
-    kv, lk = num_kv_heads, k.shape[1]
-    g = n // kv
-    # head-major `[B, kv, g*Lq, d]`: each kv head's queries form one plain batched matmul
-    # (~6% faster fwd+bwd on CPU than the 5-D einsum, whose gradients XLA transposes)
+    qg = q.reshape(b, lq, kv, n // kv, d)  # query head h uses kv head h // g
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    logits = jnp.where(mask[:, None, None], logits, MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
+    return out.reshape(b, lq, n, d), logits
+
+
+def _attend_head_major(q, k, v, mask, kv: int, dtype):
+    """The CPU-fast form (`platform.attention_head_major`): each kv head's queries folded
+    into `[B, kv, g·Lq, d]` rows, one plain batched matmul, softmax on a 2-D row view.
+    Same values and return shapes as `_attend_grouped`."""
+    b, lq, n, d = q.shape
+    lk, g = k.shape[1], n // kv
     qg = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * lq, d)
     logits = jnp.einsum("bkqd,bskd->bkqs", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, lq, lk), MASKED)
     probs = jax.nn.softmax(rows(logits), axis=-1).astype(dtype).reshape(b, kv, g * lq, lk)
     out = jnp.einsum("bkqs,bskd->bkqd", probs, v.astype(dtype)).reshape(b, kv, g, lq, d)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d)
-    out = constrain(out, ("batch", "length", "heads", "head_dim"))
-    scores = logits.reshape(b, n, lq, lk) if return_scores else None
-    return out, scores
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d), logits

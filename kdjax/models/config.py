@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -46,6 +47,14 @@ class DecoderConfig:
       family: one of FAMILIES; chooses the transformers class on export.
       param_dtype: dtype of stored (master) parameters; dtype: compute dtype.
       remat: "none" | "full" | "dots" | "dots_no_batch" (jax.checkpoint policy per layer).
+      scan_layers: run the stacked layers with `lax.scan` (compile time and program size
+        independent of depth); False runs a Python loop over the same stacked
+        parameters (the reference, and the compile-time baseline). Parameters are
+        stacked on a leading "layers" axis either way.
+      attention_impl: "auto" | "xla" | "cudnn" | "splash": the attention kernel. "auto"
+        picks the platform's fused kernel (`kdjax.platform.attention_impl`: cpu → xla,
+        gpu → cudnn, tpu → splash); "xla" is the reference. Layers whose scores are
+        requested and KV-cache decoding always use "xla".
       bos_token_id, eos_token_id, pad_token_id: carried through to/from transformers.
     """
 
@@ -69,6 +78,8 @@ class DecoderConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True
+    attention_impl: str = "auto"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -101,6 +112,12 @@ class DecoderConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DecoderConfig.remat={self.remat!r}; choose one of "
                              f"{REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"DecoderConfig.attention_impl={self.attention_impl!r}; choose "
+                             f"one of {ATTENTION_IMPLS} ('auto' picks the platform's kernel)")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"DecoderConfig.scan_layers must be True or False, got "
+                             f"{self.scan_layers!r}")
         for name in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -18,15 +18,14 @@ from flax import nnx, struct
 
 from kdjax.sharding import constrain, state_shardings
 
-from .attention import Attention, attention_mask
+from . import fused_attention
+from .attention import attention_mask
+from .blocks import Block, run_blocks, stacked_blocks
 from .config import DecoderConfig
-from .layers import MLP, RMSNorm, param, project, rope_cos_sin, rope_inv_freq
+from .layers import RMSNorm, embed_lookup, param, project, rope_cos_sin, rope_inv_freq
 
-_REMAT = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+__all__ = ["Block", "Decoder", "DecoderOutput", "init_decoder", "positions_from_segments",
+           "weight_decay_mask", "with_config"]
 _ACT = ("batch", "length", "embed")
 
 
@@ -53,24 +52,6 @@ class DecoderOutput:
     cache: Any = None
 
 
-class Block(nnx.Module):
-    """One pre-norm transformer block."""
-
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
-
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, return_scores=False):
-        a, scores, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache=cache,
-                                     cache_index=cache_index, return_scores=return_scores)
-        x = constrain(x + a, _ACT)
-        x = constrain(x + self.mlp(self.mlp_norm(x)), _ACT)
-        return x, scores, cache
-
-
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """`[B, L]` int32 position of each token within its segment (0 at each segment start)."""
     idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
@@ -87,7 +68,7 @@ class Decoder(nnx.Module):
         cfg = config
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stacked_blocks(cfg, rngs)  # params [num_layers, ...], axis "layers"
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype,
                             dtype=cfg.dtype, rngs=rngs)
         self.unembed = (None if cfg.tie_word_embeddings else
@@ -128,33 +109,26 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = positions_from_segments(segment_ids)
         q_slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        if cache is None:
-            mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots,
-                                  cfg.sliding_window)
-            index, layer_caches = None, [None] * cfg.num_layers
-        else:
+        index, k_segments, mask = None, segment_ids, None
+        if cache is not None:
             index = cache["index"]
             k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"],
                                                       segment_ids.astype(jnp.int32), (0, index))
+        impl = "xla" if cache is not None else fused_attention.resolve(cfg.attention_impl,
+                                                                      tokens.shape[1])
+        if impl == "xla" or attention_layers:  # the fused kernels mask by segment ids
             k_slots = jnp.arange(k_segments.shape[1], dtype=jnp.int32)
-            mask = attention_mask(segment_ids, k_segments, q_slots + index, k_slots,
+            if index is not None:
+                q_slots = q_slots + index
+            mask = attention_mask(segment_ids, k_segments, q_slots, k_slots,
                                   cfg.sliding_window)
-            layer_caches = cache["layers"]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                          cfg.rope_scaling))
-        # look up in an all-gathered table (as FSDP gathers every weight at use): a gather
-        # from a vocab/embed-sharded table makes XLA rematerialize it anyway, with warnings
-        table = constrain(self.embed[...], (None, None))
-        x = constrain(jnp.take(table, tokens, axis=0).astype(cfg.dtype), _ACT)
-        hidden_states, scores_out, new_caches = {}, {}, []
-        for i, block in enumerate(self.layers):
-            if i in hidden_layers:
-                hidden_states[i] = x
-            x, scores, layer_cache = _run_block(block, cfg.remat, x, cos, sin, mask,
-                                                layer_caches[i], index, i in attention_layers)
-            new_caches.append(layer_cache)
-            if scores is not None:
-                scores_out[i] = scores
+        x = constrain(embed_lookup(self.embed[...], tokens, cfg.dtype), _ACT)
+        x, hidden_states, scores, layer_cache = run_blocks(
+            self.layers, cfg, x, cos, sin, mask, segment_ids, impl=impl,
+            hidden_layers=hidden_layers, attention_layers=attention_layers,
+            cache=None if cache is None else cache["layers"], cache_index=index)
         hidden = self.norm(x)
         if cfg.num_layers in hidden_layers:  # transformers' last entry is after the norm
             hidden_states[cfg.num_layers] = hidden
@@ -164,9 +138,9 @@ class Decoder(nnx.Module):
             logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
-            new_cache = {"layers": new_caches, "segment_ids": k_segments,
+            new_cache = {"layers": layer_cache, "segment_ids": k_segments,
                          "index": index + tokens.shape[1]}
-        return DecoderOutput(logits, hidden, hidden_states, scores_out, new_cache)
+        return DecoderOutput(logits, hidden, hidden_states, scores, new_cache)
 
 
 def init_decoder(config: DecoderConfig, *, seed: int = 0,
@@ -219,15 +193,19 @@ def normalize_indices(indices: Sequence[int], n: int, name: str,
     return frozenset(out)
 
 
-def _run_block(block: Block, remat: str, x, cos, sin, mask, cache, index, want_scores):
-    """Runs one block, under `jax.checkpoint` with the configured policy unless remat is
-    "none". The block is split into (graph, params) so the checkpointed function is pure."""
-    if remat == "none":
-        return block(x, cos, sin, mask, cache, index, want_scores)
-    graphdef, state = nnx.split(block)
+def weight_decay_mask(params) -> Any:
+    """True for each weight matrix of a `Decoder`'s params (a pure dict or nnx State), False
+    for norm scales and biases: the pytree optax's `mask=` takes.
 
-    def pure(state, x, cos, sin, mask, cache, index):
-        return nnx.merge(graphdef, state)(x, cos, sin, mask, cache, index, want_scores)
+    `ndim >= 2` alone is not enough: the stacked layers' parameters carry a leading
+    "layers" axis (a norm scale is `[num_layers, H]`), and attention biases are
+    `[heads, head_dim]`."""
 
-    fn = jax.checkpoint(pure, policy=_REMAT[remat])
-    return fn(state, x, cos, sin, mask, cache, index)
+    def one(path, leaf):
+        # dict keys only: an nnx Variable adds a trailing `.value` attribute key
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if keys[-1] in ("bias", "scale"):
+            return False
+        return leaf.ndim - (keys[0] == "layers") >= 2
+
+    return jax.tree_util.tree_map_with_path(one, params)

@@ -5,7 +5,10 @@ transformers loads.
 transformers stores `nn.Linear` weights as `[out, in]`; kdjax keeps heads as their
 own axis (`q: [H, heads, head_dim]`, `o: [heads, head_dim, H]`), so each tensor maps
 by a reshape and a transpose, both views on the memory map: only the slice a device
-needs is ever copied.
+needs is ever copied. kdjax stacks the blocks' parameters on a leading layer axis
+(`layers.attn.q.kernel: [num_layers, H, heads, head_dim]`); transformers' per-layer
+tensors (`model.layers.{i}.self_attn.q_proj.weight`) are its slices, read and written
+one layer at a time.
 """
 
 from __future__ import annotations
@@ -29,19 +32,26 @@ from .decoder import Decoder
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _layout(path: tuple, cfg: DecoderConfig):
-    """(hf_name, hf_shape, view_shape, perm): kdjax value = W.reshape(view).transpose(perm)."""
-    h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    m, v = cfg.intermediate_size, cfg.vocab_size
+def _layout(path: tuple, cfg: DecoderConfig) -> list[tuple]:
+    """`[(hf_name, hf_shape, view_shape, perm), ...]` for a kdjax parameter: one entry, or
+    for a stacked block parameter (`("layers", ...)`) one per layer in order; the kdjax
+    value (its layer i) = `W.reshape(view).transpose(perm)`."""
+    if path[0] == "layers":
+        return [_layer_layout(i, tuple(path[1:]), cfg) for i in range(cfg.num_layers)]
+    h, v = cfg.hidden_size, cfg.vocab_size
     if path == ("embed",):
-        return "model.embed_tokens.weight", (v, h), (v, h), (0, 1)
+        return [("model.embed_tokens.weight", (v, h), (v, h), (0, 1))]
     if path == ("unembed",):
-        return "lm_head.weight", (v, h), (v, h), (1, 0)
+        return [("lm_head.weight", (v, h), (v, h), (1, 0))]
     if path == ("norm", "scale"):
-        return "model.norm.weight", (h,), (h,), (0,)
-    _, i, *rest = path
+        return [("model.norm.weight", (h,), (h,), (0,))]
+    raise ValueError(f"no transformers tensor for kdjax parameter {path}")
+
+
+def _layer_layout(i: int, rest: tuple, cfg: DecoderConfig):
+    h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    m = cfg.intermediate_size
     prefix = f"model.layers.{i}."
-    rest = tuple(rest)
     norms = {("attn_norm", "scale"): "input_layernorm",
              ("mlp_norm", "scale"): "post_attention_layernorm"}
     if rest in norms:
@@ -104,7 +114,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     tensors = safetensors_io.open_tensors(path)
     graphdef, state = _abstract_state(cfg)
     flat = list(nnx.to_flat_state(state))
-    expected = {_layout(p, cfg)[0] for p, _ in flat}
+    expected = {e[0] for p, _ in flat for e in _layout(p, cfg)}
     unexpected = sorted(n for n in tensors if n not in expected
                         and not n.endswith(_IGNORED_SUFFIXES)
                         and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
@@ -115,13 +125,36 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
                          "(e.g. attention_bias, tie_word_embeddings) matches the weights")
     loaded = []
     for p, var in tqdm(flat, desc=f"loading {path.name}", unit="tensor", leave=False,
-                       disable=len(flat) < 64):
+                       disable=len(expected) < 64):
         loaded.append((p, var.replace(_load_one(p, var, tensors, cfg, mesh, path))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
 def _load_one(p, var, tensors, cfg, mesh, path):
-    name, hf_shape, view, perm = _layout(p, cfg)
+    """The value of parameter `p`: its tensor, or its layers' tensors stacked, converted
+    and placed (one device slice at a time with a mesh)."""
+    srcs = [_source(tensors, entry, path) for entry in _layout(p, cfg)]
+    stacked = p[0] == "layers"
+    target = var.get_value()
+    out_dtype = np.dtype(target.dtype)
+
+    def read(idx=()):
+        # np.array(copy=True): jax may alias host numpy memory on CPU, and the parameters
+        # must never alias the checkpoint's memory map (the file can be replaced later)
+        if not stacked:
+            return np.array(srcs[0][idx], dtype=out_dtype, copy=True)
+        layers, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+        return np.stack([np.asarray(src[rest], dtype=out_dtype) for src in srcs[layers]])
+
+    if mesh is None:
+        return jnp.asarray(read())
+    sharding = named_sharding(mesh, variable_logical_axes(var), target.shape)
+    return jax.make_array_from_callback(target.shape, sharding, read)
+
+
+def _source(tensors, entry, path):
+    """One transformers tensor, checked, as a view in kdjax's layout."""
+    name, hf_shape, view, perm = entry
     if name not in tensors:
         hint = " (config says tie_word_embeddings=False)" if name == "lm_head.weight" else ""
         raise ValueError(f"checkpoint {path} is missing tensor {name!r}{hint}")
@@ -129,16 +162,7 @@ def _load_one(p, var, tensors, cfg, mesh, path):
     if tuple(raw.shape) != hf_shape:
         raise ValueError(f"tensor {name!r} in {path} has shape {tuple(raw.shape)}, but the "
                          f"config implies {hf_shape}")
-    src = raw.reshape(view).transpose(perm)  # views on the memory map
-    target = var.get_value()
-    out_dtype = np.dtype(target.dtype)
-    # np.array(copy=True): jax may alias host numpy memory on CPU, and the parameters
-    # must never alias the checkpoint's memory map (the file can be replaced later)
-    if mesh is None:
-        return jnp.asarray(np.array(src, dtype=out_dtype, copy=True))
-    sharding = named_sharding(mesh, variable_logical_axes(var), target.shape)
-    return jax.make_array_from_callback(
-        target.shape, sharding, lambda idx: np.array(src[idx], dtype=out_dtype, copy=True))
+    return raw.reshape(view).transpose(perm)  # views on the memory map
 
 
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None,
@@ -158,15 +182,17 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None,
     state = nnx.state(model, nnx.Param)
     by_name, specs = {}, []
     for p, var in nnx.to_flat_state(state):
-        name, hf_shape, view, perm = _layout(p, cfg)
         value = var.get_value()
         out = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
-        by_name[name] = (value, view, perm, hf_shape)
-        specs.append((name, hf_shape, out))
+        for layer, (name, hf_shape, _view, perm) in enumerate(_layout(p, cfg)):
+            by_name[name] = (value, layer if p[0] == "layers" else None, perm, hf_shape)
+            specs.append((name, hf_shape, out))
     specs.sort(key=lambda s: _hf_order(s[0]))
 
     def produce(name):
-        value, view, perm, hf_shape = by_name[name]
+        value, layer, perm, hf_shape = by_name[name]
+        if layer is not None:
+            value = value[layer]  # one layer gathered at a time
         inverse = np.argsort(perm)
         return np.asarray(jax.device_get(value)).transpose(inverse).reshape(hf_shape)
 

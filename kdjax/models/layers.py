@@ -7,6 +7,7 @@ Parameters are stored in `param_dtype` (f32 master weights) and cast to the comp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import linalg
+from kdjax import linalg, platform
 from kdjax.sharding import constrain
 
 INIT_STD = 0.02  # transformers' default initializer_range for these families
@@ -25,10 +26,10 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
           dtype, init: str = "normal") -> nnx.Param:
     """An nnx.Param carrying its logical axis names (mapped to a mesh in kdjax.sharding)."""
     if init == "normal":
-        # An RBG key seeded from the nnx stream: same N(0, 0.02²) init, but XLA compiles
-        # RngBitGenerator ~4x faster than threefry, which dominates start-up on CPU.
+        # A key of the platform's fast implementation seeded from the nnx stream: same
+        # N(0, 0.02²) init (see `platform.param_rng_impl`).
         seed = jax.random.bits(rngs.params(), dtype=jnp.uint32)
-        key = jax.random.key(seed, impl="rbg")
+        key = jax.random.key(seed, impl=platform.param_rng_impl())
         value = INIT_STD * jax.random.normal(key, tuple(shape), jnp.float32)
     elif init == "ones":
         value = jnp.ones(tuple(shape), jnp.float32)
@@ -94,18 +95,62 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, (size,), ("norm",), param_dtype, "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = rows(x).astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        """`[..., size]` → same shape, in `dtype`; the mean runs over the last axis."""
+        # the 2-D row view is the CPU-fast form; it merges batch (and head) axes, which
+        # under sharding forces a gather, so elsewhere the original shape is reduced
+        y = rows(x) if platform.row_view_reductions() else x
+        y32 = y.astype(jnp.float32)
+        y32 = y32 * jax.lax.rsqrt(jnp.mean(y32 * y32, axis=-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the weight multiply
-        scale = self.scale[...].astype(self.dtype)[None]
-        return (scale * y.astype(self.dtype)).reshape(x.shape)
+        scale = self.scale[...].astype(self.dtype)
+        scale = scale.reshape((1,) * (y.ndim - 1) + scale.shape)
+        return (scale * y32.astype(self.dtype)).reshape(x.shape)
 
 
 def rows(x: jax.Array) -> jax.Array:
     """`x` as a 2-D `[rows, last axis]` array (a bitcast). Reductions over the last axis
-    run on this form: XLA:CPU reduces arrays with a leading axis of size 1 (batch 1) up to
-    ~6x slower (f32 [1, 1024, 384] over axis 2: 0.67 ms vs 0.12 ms for [4, 256, 384])."""
+    run on this form on CPU (`platform.row_view_reductions`): XLA:CPU reduces arrays with
+    a leading axis of size 1 (batch 1) up to ~6x slower (f32 [1, 1024, 384] over axis 2:
+    0.67 ms vs 0.12 ms for [4, 256, 384])."""
     return x.reshape(-1, x.shape[-1])
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """`table[tokens]` in the compute `dtype`: `[V, H]` master table, `[B, L]` int tokens →
+    `[B, L, H]` dtype.
+
+    The table is cast to `dtype` *before* it is gathered onto each device (as FSDP
+    gathers every weight at use), so a bf16 step moves a bf16 table, never the f32
+    master. Its gradient is accumulated in f32 (a scatter-add of every token's
+    cotangent): summing thousands of repeats of a frequent token in bf16 would lose the
+    precision the dot products' f32 accumulation keeps for every other weight.
+    """
+    return _embed_lookup(table, tokens, jnp.dtype(dtype).name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _embed_lookup(table, tokens, dtype):
+    # cast where the table lies (pinned, or XLA moves the cast after the gather), then
+    # replicate: a take from a vocab/embed-sharded table makes XLA rematerialize it
+    # anyway, with warnings
+    local = constrain(table.astype(dtype), ("vocab", "embed"))
+    return jnp.take(constrain(local, (None, None)), tokens, axis=0)
+
+
+def _embed_lookup_fwd(table, tokens, dtype):
+    return _embed_lookup(table, tokens, dtype), (table, tokens)
+
+
+def _embed_lookup_bwd(dtype, residuals, g):
+    table, tokens = residuals
+    # each device scatters its own tokens into a whole (replicated) table, so the token
+    # axis never moves; the partial tables are then summed into the table's sharding
+    zeros = constrain(jnp.zeros(table.shape, jnp.float32), (None, None))
+    grad = zeros.at[tokens].add(g.astype(jnp.float32))
+    return constrain(grad, ("vocab", "embed")).astype(table.dtype), None
+
+
+_embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:

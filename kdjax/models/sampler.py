@@ -33,12 +33,12 @@ class GenerateOutput:
 
 
 def init_cache(config, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: per layer `k, v [B, length, kv_heads, head_dim]`, key
-    `segment_ids [B, length]` (0 = empty) and the next write `index`."""
+    """An empty KV cache: `layers: {"k", "v"}: [num_layers, B, length, kv_heads, head_dim]`
+    (stacked on the layer axis like the blocks' parameters, so the layer scan carries it),
+    key `segment_ids [B, length]` (0 = empty) and the next write `index`."""
     dtype = dtype or config.dtype
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-              for _ in range(config.num_layers)]
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return {"layers": layers, "segment_ids": jnp.zeros((batch, length), jnp.int32),
             "index": jnp.zeros((), jnp.int32)}
 

@@ -64,8 +64,15 @@ class OptimizerSpec:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only (not norms, biases or scalars)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on weight matrices only: the student's per `weight_decay_mask` (its
+    stacked layers carry a leading "layers" axis, so `ndim` alone cannot tell a norm
+    scale `[layers, H]` from a matrix), every learned projection; nothing else."""
+    from kdjax.models import weight_decay_mask
+
+    out = {k: jax.tree.map(lambda x: x.ndim >= 2, v) for k, v in params.items()}
+    if "model" in params:
+        out["model"] = weight_decay_mask(params["model"])
+    return out
 
 
 @jax.tree_util.register_dataclass

@@ -63,16 +63,17 @@ def test_mesh_axes_that_do_not_divide_a_dim_replicate_it(families):
     fam = families("llama")  # 4 query heads, 2 kv heads
     mesh = make_mesh(data=2, fsdp=1, tensor=4)
     sharded = from_pretrained(fam.path, mesh=mesh)
-    attn = sharded.layers[0].attn
-    assert attn.q.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
-    assert attn.k.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, None, None)
+    attn = sharded.layers.attn  # stacked: [layers, H, heads, head_dim]
+    P = jax.sharding.PartitionSpec
+    assert attn.q.kernel[...].sharding.spec == P(None, None, "tensor", None)
+    assert attn.k.kernel[...].sharding.spec == P(None, None, None, None)
     _same_params(sharded, fam.model)
 
 
 def test_bf16_param_dtype_and_bf16_export(families, tmp_path, rng):
     fam = families("qwen3")
     model = from_pretrained(fam.path, param_dtype="bfloat16", dtype="bfloat16")
-    assert model.layers[0].attn.q.kernel[...].dtype == jnp.bfloat16
+    assert model.layers.attn.q.kernel[...].dtype == jnp.bfloat16
     tokens = jnp.asarray(rng.integers(3, VOCAB, (1, 6)), jnp.int32)
     out = nnx.jit(lambda m, t: m(t))(model, tokens)
     assert out.logits.dtype == jnp.bfloat16

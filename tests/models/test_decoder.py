@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kdjax.models import DecoderConfig, init_decoder, with_config
+from kdjax.models import DecoderConfig, init_decoder, weight_decay_mask, with_config
 from kdjax.sharding import LOGICAL_RULES, make_mesh, shard_model, variable_logical_axes
 from tests.tolerances import TOL, assert_close
 
@@ -55,12 +55,25 @@ def test_every_param_has_logical_axes(model):
         assert var.get_value().dtype == jnp.float32
 
 
+def test_weight_decay_mask_marks_matrices_only(model):
+    """Kernels and the embedding/lm_head tables decay; norm scales (`[layers, H]` once
+    stacked) and biases (`[layers, heads, head_dim]`) do not."""
+    state = nnx.state(model, nnx.Param)
+    for tree in (state, nnx.to_pure_dict(state)):
+        flat = jax.tree_util.tree_flatten_with_path(weight_decay_mask(tree))[0]
+        decayed = {"/".join(str(k.key) for k in path if hasattr(k, "key"))
+                   for path, leaf in flat if leaf}
+        kernels = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)
+                   if p[-1] == "kernel"}
+        assert decayed == kernels | {"embed", "unembed"}
+
+
 def test_init_decoder_is_seeded(model):
     again = init_decoder(CFG, seed=0)
     np.testing.assert_array_equal(np.asarray(again.embed[...]), np.asarray(model.embed[...]))
     other = init_decoder(CFG, seed=5)
     assert not np.allclose(np.asarray(other.embed[...]), np.asarray(model.embed[...]))
-    std = float(np.asarray(other.layers[0].mlp.up.kernel[...]).std())
+    std = float(np.asarray(other.layers.mlp.up.kernel[...][0]).std())
     assert 0.015 < std < 0.025  # N(0, 0.02²), transformers' initializer_range
 
 
@@ -105,7 +118,7 @@ def test_sharded_forward_equals_unsharded(rng):
     want = _forward(model, tokens, segment_ids)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     shard_model(model, mesh)
-    assert model.layers[0].mlp.gate.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert model.layers.mlp.gate.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
     direct = init_decoder(CFG, seed=2, mesh=mesh)  # created sharded, same values
     assert direct.embed[...].sharding.spec == P("tensor", "fsdp")
     np.testing.assert_array_equal(np.asarray(direct.embed[...]), np.asarray(model.embed[...]))

@@ -147,3 +147,17 @@ def test_optimizer_schedule_warmup_then_cosine():
     lrs = np.array([float(sched(jnp.int32(s))) for s in range(21)])
     np.testing.assert_allclose(lrs[:5], [0, 0.25, 0.5, 0.75, 1.0], atol=1e-6)
     assert np.all(np.diff(lrs[4:]) <= 1e-7) and abs(lrs[20] - 0.1) < 1e-6
+
+
+def test_weight_decay_skips_stacked_norms_and_decays_projections():
+    """AdamW decays matrices only: the stacked layers' norm scales are `[layers, H]` (2-D)
+    and must not decay; learned hidden-state projections must."""
+    from kdjax.train.state import _decay_mask
+
+    params = {"model": nnx.to_pure_dict(nnx.state(Decoder(CFG, rngs=nnx.Rngs(0)), nnx.Param)),
+              "proj": {"0_1": jnp.ones((4, 4))}}
+    mask = _decay_mask(params)
+    layers = mask["model"]["layers"]
+    assert params["model"]["layers"]["attn_norm"]["scale"].ndim == 2
+    assert layers["attn_norm"]["scale"] is False and layers["mlp"]["up"]["kernel"] is True
+    assert mask["model"]["embed"] is True and mask["proj"]["0_1"] is True

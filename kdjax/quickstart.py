@@ -168,16 +168,29 @@ def make_data(out: Path, size: dict, seed: int, progress: bool) -> dict:
             "train": str(out / "tokens" / "train"), "eval": str(out / "tokens" / "eval")}
 
 
-def precompute_signal(out: Path, teacher_dir: str, tokens: str, size: dict, seed: int,
-                      progress: bool, name: str = "teacher_store") -> str:
-    """The teacher's sampled signal (N draws, U slots per position) on `tokens`."""
-    from kdjax.teacher import PrecomputeConfig, precompute
+def precompute_config(out: Path, teacher_dir: str, tokens: str, size: dict, seed: int,
+                      progress: bool, name: str = "teacher_store",
+                      tokenizer: str | None = None):
+    """The PrecomputeConfig of the teacher's sampled signal (N draws, U slots per position)
+    on `tokens`, packed with `tokenizer` (the teacher's). At the default size this is
+    configs/precompute/quickstart_sampled.yaml."""
+    from kdjax.teacher import PrecomputeConfig
 
-    cfg = PrecomputeConfig(teacher=teacher_dir, tokens=tokens, out=str(out / name),
-                           mode="sampled", num_samples=size["num_samples"],
-                           num_slots=size["num_slots"], temperature=1.0, seed=seed,
-                           batch_size=size["student_batch"], mesh=(-1, 1, 1), dtype="float32",
-                           param_dtype="float32", overwrite=True, progress=progress)
+    return PrecomputeConfig(teacher=teacher_dir, tokens=tokens, out=str(out / name),
+                            tokenizer=tokenizer, mode="sampled",
+                            num_samples=size["num_samples"], num_slots=size["num_slots"],
+                            temperature=1.0, seed=seed, batch_size=size["student_batch"],
+                            mesh=(-1, 1, 1), dtype="float32", param_dtype="float32",
+                            overwrite=True, progress=progress)
+
+
+def precompute_signal(out: Path, teacher_dir: str, tokens: str, size: dict, seed: int,
+                      progress: bool, name: str = "teacher_store",
+                      tokenizer: str | None = None) -> str:
+    """Writes the teacher store of `precompute_config(...)`; returns its path."""
+    from kdjax.teacher import precompute
+
+    cfg = precompute_config(out, teacher_dir, tokens, size, seed, progress, name, tokenizer)
     precompute(cfg)
     return cfg.out
 
@@ -230,7 +243,8 @@ def run(out: str | os.PathLike, seed: int = 0, *, size: str = "default",
     teacher_dir = str(out / "teacher" / "hf")
     save_pretrained(t_sum["state"].model(), teacher_dir)
     say("[3/6] precompute — the teacher's sampled signal on the student corpus")
-    store = precompute_signal(out, teacher_dir, paths["train"], sz, seed, progress)
+    store = precompute_signal(out, teacher_dir, paths["train"], sz, seed, progress,
+                              tokenizer=paths["tokenizer"])
     student = dict(data=paths["train"], steps=sz["student_steps"], batch=sz["student_batch"],
                    dims=sz["student"], lr=3e-3, **common)
     say("[4/6] distilled — student distilled from the sampled store")

@@ -1,13 +1,4 @@
-"""`kdjax pack`: tokenize and pack a dataset into train/eval token stores.
-
-Example:
-  kdjax pack data/*.jsonl --tokenizer path/to/tokenizer --seq-len 2048 --out stores/tokens \
-      --eval-fraction 0.01
-
-Multi-process (the same command on every host, e.g. a TPU pod's): add `--distributed`, or
-`--num-processes P --process-id I --coordinator-address HOST:PORT`. Process 0 packs the
-shared stores; the others wait for it and end with the same summary.
-"""
+"""`kdjax pack`: tokenize and pack a dataset into train/eval token stores."""
 
 from __future__ import annotations
 
@@ -15,32 +6,62 @@ import argparse
 
 from kdjax.distributed import add_distributed_args, initialize_from_args, is_primary
 
+PACK_HELP = """\
+Tokenize a dataset with a tokenizer and pack it into fixed-length rows: the token stores
+`OUT/train` (and `OUT/eval` with --eval-fraction or --eval-docs) that `kdjax precompute`,
+`kdjax train` and `kdjax eval` read. Pack with the teacher's tokenizer: a teacher store is
+only computed for a token store packed with its teacher's tokenizer.
+
+  kdjax pack data/*.jsonl --tokenizer TEACHER_DIR --seq-len 2048 --out stores/tokens \\
+      --eval-fraction 0.01
+  kdjax pack notes.txt --tokenizer TEACHER_DIR --seq-len 512 --out stores/notes
+
+Plain text trains on every token; chat (`messages`) and instruction (prompt/response)
+examples train on the assistant's tokens only. A rerun with the same settings reuses the
+stores; other settings are refused unless --overwrite. Multi-process (the same command on
+every host): add --distributed, or --num-processes P --process-id I --coordinator-address
+HOST:PORT; process 0 packs and the others wait for it."""
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("pack", help="tokenize + pack a dataset into a token store",
-                              description=__doc__,
+    p = subparsers.add_parser("pack", help="tokenize + pack a dataset into token stores",
+                              description=PACK_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="+", help="data files / globs / directory, or a "
-                   "datasets name")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
+    p.add_argument("source", nargs="+", help="data files (json, jsonl, parquet, csv, txt), "
+                   "globs, a directory, or a Hugging Face `datasets` name")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (a model "
+                   "directory with tokenizer files: the teacher's)")
     p.add_argument("--out", required=True, help="output directory (gets train/ and eval/)")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
-    p.add_argument("--text-field")
-    p.add_argument("--messages-field")
-    p.add_argument("--prompt-field")
-    p.add_argument("--response-field")
-    p.add_argument("--split", default="train", help="dataset split to read")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per packed row (L)")
+    p.add_argument("--text-field", help="column holding plain text (default: inferred from "
+                   "the column names: text, messages, or a prompt/response pair)")
+    p.add_argument("--messages-field", help="column holding chat messages "
+                   "([{role, content}, ...]; the tokenizer's chat template is applied)")
+    p.add_argument("--prompt-field", help="column holding instruction prompts (with "
+                   "--response-field)")
+    p.add_argument("--response-field", help="column holding the responses to train on")
+    p.add_argument("--split", default="train", help="dataset split to read (default: train)")
     p.add_argument("--format", help="datasets builder (json, parquet, text, csv); "
                    "inferred from file extensions by default")
-    p.add_argument("--streaming", action="store_true", help="read the source lazily")
-    p.add_argument("--eval-fraction", type=float, default=0.0)
-    p.add_argument("--eval-docs", type=int)
-    p.add_argument("--max-docs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pack-mode", choices=("split", "pad"), default="split")
-    p.add_argument("--shard-rows", type=int)
-    p.add_argument("--num-proc", type=int, help="tokenizer processes")
-    p.add_argument("--cache-dir", help="datasets cache directory")
+    p.add_argument("--streaming", action="store_true", help="read the source lazily "
+                   "(for datasets larger than memory)")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of documents "
+                   "held out into OUT/eval (default: 0, no eval store)")
+    p.add_argument("--eval-docs", type=int, help="number of documents held out into OUT/eval "
+                   "(instead of --eval-fraction)")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the "
+                   "row order (default: 0)")
+    p.add_argument("--pack-mode", choices=("split", "pad"), default="split",
+                   help="split: fill every row, splitting documents at row ends (default); "
+                   "pad: start a new row (padding the current one) rather than split a "
+                   "document that fits in one")
+    p.add_argument("--shard-rows", type=int, help="rows per shard file (default: chosen "
+                   "from the row size)")
+    p.add_argument("--num-proc", type=int, help="tokenizer processes (default: all cores "
+                   "for >= 20k documents, else 1)")
+    p.add_argument("--cache-dir", help="datasets cache directory (default: the Hugging Face "
+                   "cache)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing store built with different settings")
     add_distributed_args(p)
@@ -54,16 +75,36 @@ def run(args) -> int:
     initialize_from_args(args)
     source = args.source[0] if len(args.source) == 1 else args.source
     out = build_token_store(
-        source, args.tokenizer, args.out, seq_len=args.seq_len, text_field=args.text_field,
-        messages_field=args.messages_field, prompt_field=args.prompt_field,
-        response_field=args.response_field, split=args.split, format=args.format,
-        streaming=args.streaming, eval_fraction=args.eval_fraction, eval_docs=args.eval_docs,
+        source, _tokenizer(args.tokenizer), args.out, seq_len=args.seq_len,
+        text_field=args.text_field, messages_field=args.messages_field,
+        prompt_field=args.prompt_field, response_field=args.response_field, split=args.split,
+        format=args.format, streaming=args.streaming, eval_fraction=args.eval_fraction,
+        eval_docs=args.eval_docs,
         max_docs=args.max_docs, seed=args.seed, pack_mode=args.pack_mode,
         shard_rows=args.shard_rows, num_proc=args.num_proc, overwrite=args.overwrite,
         cache_dir=args.cache_dir)
     if is_primary():  # one summary per job, from the process that wrote the stores
         print("\n".join(summary_lines(out, args.seq_len)))
     return 0
+
+
+def _tokenizer(name: str):
+    """The tokenizer of a local directory, else of a hub name (from the local cache when
+    offline), with a one-line error naming what was given when neither works."""
+    import os
+
+    from kdjax.models import load_tokenizer
+
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return load_tokenizer(os.path.expanduser(name))  # says what the directory lacks
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(f"--tokenizer {name!r} is neither a local directory nor a "
+                                "tokenizer the Hugging Face hub (or its cache) could provide; "
+                                "pass the directory of the teacher's tokenizer") from e
 
 
 def summary_lines(out: dict, seq_len: int) -> list[str]:

@@ -116,17 +116,24 @@ class TokenStore:
         """Reads every chunk; one message per damaged chunk (empty when intact)."""
         return self._rows.check()
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer, *, whose: str = "the run's",
+                        advice: str | None = None) -> None:
         """Raises StoreMismatchError unless `tokenizer` (a HF tokenizer or a fingerprint
-        string) is the one the store was packed with."""
+        string) is the one the store was packed with; the message names both fingerprints
+        and vocabulary sizes (`whose`: how to call the other tokenizer's owner)."""
         from kdjax.data.tokenize import tokenizer_fingerprint
 
         fp = tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer)
-        if fp != self.tokenizer_fingerprint:
-            raise StoreMismatchError(
-                f"token store {str(self.path)!r} was packed with tokenizer "
-                f"{self.tokenizer_fingerprint[:12]}…, but the run's tokenizer is {fp[:12]}…; "
-                "re-pack the data with this tokenizer or use the tokenizer it was packed with")
+        if fp == self.tokenizer_fingerprint:
+            return
+        size = "" if isinstance(tokenizer, str) else f", vocabulary {len(tokenizer)}"
+        advice = advice or ("re-pack the data with this tokenizer or use the tokenizer it "
+                            "was packed with")
+        raise StoreMismatchError(
+            f"token store {str(self.path)!r} was packed with another tokenizer than "
+            f"{whose}: tokenizer fingerprint {self.tokenizer_fingerprint[:16]}…, vocabulary "
+            f"{self.vocab_size} (the token store's) vs {fp[:16]}…{size} ({whose}). "
+            f"{advice[0].upper() + advice[1:]}")
 
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.path)!r}, rows={self.num_rows}, seq_len={self.seq_len}, "

@@ -90,8 +90,17 @@ def open_array(path: str | os.PathLike, *, write: bool = False,
     try:
         return ts.open(spec, open=True, read=True, write=write, context=context).result()
     except ValueError as e:
-        raise StoreCorruptError(f"cannot open array {str(path)!r}: {e}. The store is "
-                                "incomplete or damaged; rebuild it") from None
+        raise StoreCorruptError(f"cannot open array {str(path)!r}: {_without_spec(e)}. The "
+                                "store is incomplete or damaged; rebuild it") from None
+
+
+def _without_spec(err: Exception) -> str:
+    """tensorstore's message without the JSON spec it appends (`[tensorstore_spec='…']`),
+    which repeats what kdjax's message already says."""
+    msg = str(err)
+    start = msg.find(" [tensorstore_spec='")
+    end = msg.rfind("']")
+    return msg[:start] + msg[end + 2:] if 0 <= start < end else msg
 
 
 def array_path(array: ts.TensorStore) -> str:

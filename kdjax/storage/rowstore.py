@@ -117,7 +117,7 @@ class RowStoreWriter:
                 raise StoreMismatchError(
                     f"store {str(self.path)!r} was started with a different plan (differs "
                     f"in: {', '.join(diff) or 'unknown'}); delete it, write elsewhere, or "
-                    "pass overwrite=True")
+                    "pass overwrite=True (`--overwrite` on the command line)")
             for sub in (ARRAYS_DIR, LEDGER_DIR):
                 shutil.rmtree(self.path / sub, ignore_errors=True)
             (self.path / MANIFEST_NAME).unlink(missing_ok=True)

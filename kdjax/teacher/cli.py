@@ -1,57 +1,86 @@
-"""`kdjax precompute` and `kdjax inspect` (registered by kdjax/cli.py via `add_parser`).
-
-    kdjax precompute --config precompute.yaml [key=value ...]
-    kdjax precompute --teacher CKPT --tokens TOKENS --out STORE mode=sampled num_samples=64
-    kdjax inspect STORE [--json] [--no-check]
-
-Multi-process (one command per host/process): add `--num-processes P --process-id I
---coordinator-address HOST:PORT`, or `--distributed` where JAX detects them (TPU pods,
-SLURM). Each process writes disjoint whole shards of the same store.
-"""
+"""`kdjax precompute` and `kdjax inspect`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from kdjax.distributed import add_distributed_args, initialize_from_args
 
+PRECOMPUTE_HELP = """\
+Run a teacher once over a token store and write what the student will learn from (its
+top-k log-probs, a sample of its distribution, or every logit) to a teacher store. A
+rerun of the same command resumes: only shards missing from the store are computed.
+
+  kdjax precompute --config configs/precompute/quickstart_sampled.yaml
+  kdjax precompute --teacher TEACHER_DIR --tokens TOKENS/train --out STORE mode=topk k=32
+  kdjax precompute --teacher TEACHER_DIR --tokens TOKENS/train --out STORE \\
+      mode=sampled num_samples=64 num_slots=32 batch_size=16 --overwrite
+
+The token store must have been packed with the teacher's tokenizer (`kdjax pack
+--tokenizer TEACHER_DIR`); a store packed with another one is refused. Multi-process (one
+command per host): add --distributed (TPU pods, SLURM) or --num-processes P --process-id I
+--coordinator-address HOST:PORT; each process writes disjoint whole shards."""
+
+INSPECT_HELP = """\
+Describe a teacher store (mode, sizes, fingerprints, bytes per token, teacher mass
+covered) and read every chunk back, checking its crc32c.
+
+Exit status: 0 intact; 3 some chunk is missing or damaged (each is named, with its rows);
+2 not a teacher store."""
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("precompute", help="run a teacher over a token store and write "
-                              "its teacher store (sampled / top-k / dense)",
-                              description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML file of PrecomputeConfig settings")
-    p.add_argument("--teacher", help="teacher checkpoint directory")
-    p.add_argument("--tokens", help="token store directory")
-    p.add_argument("--out", help="teacher store directory to write (resumable)")
-    p.add_argument("--mode", choices=("sampled", "topk", "dense"))
+    from kdjax.teacher.config import PrecomputeConfig
+    from kdjax.train._docs import settings_help
+
+    p = subparsers.add_parser(
+        "precompute", help="run a teacher over a token store and write its teacher store "
+        "(top-k / sampled / dense; resumable)", description=PRECOMPUTE_HELP,
+        epilog=settings_help(PrecomputeConfig), formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML file of the settings below (see configs/precompute/)")
+    p.add_argument("--teacher", help="teacher model directory (the `teacher` setting)")
+    p.add_argument("--tokens", help="token store directory (the `tokens` setting)")
+    p.add_argument("--out", help="teacher store directory to write (the `out` setting)")
+    p.add_argument("--mode", choices=("topk", "sampled", "dense"), help="the `mode` setting")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing store written with other settings")
     add_distributed_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override a setting, e.g. k=64 temperature=2.0 batch_size=32")
+                   help="any setting below, e.g. k=64 temperature=2.0 batch_size=32 "
+                   "(values are YAML)")
     p.set_defaults(func=run_precompute)
 
-    q = subparsers.add_parser("inspect", help="describe a teacher store and check every chunk")
-    q.add_argument("store", help="teacher store directory")
+    q = subparsers.add_parser("inspect", help="describe a teacher store and check every chunk",
+                              description=INSPECT_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("store", help="teacher store directory (written by `kdjax precompute`)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
-    q.add_argument("--no-check", action="store_true", help="skip reading every chunk")
+    q.add_argument("--no-check", action="store_true",
+                   help="read only the manifest, not the chunks (fast; nothing is verified)")
     q.set_defaults(func=run_inspect)
 
 
-def run_precompute(args) -> int:
+def precompute_config(args):
+    """The PrecomputeConfig of a command line: --config, then key=value overrides, then the
+    flags (--teacher, --tokens, --out, --mode, --overwrite)."""
     from kdjax.teacher.config import PrecomputeConfig
+    from kdjax.train._schema import ConfigError
 
     overrides = list(args.overrides)
-    for key in ("teacher", "tokens", "out", "mode"):
+    for key in ("teacher", "tokens", "out", "mode", "overwrite"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     config = PrecomputeConfig.load(args.config, overrides)
     missing = [k for k in ("teacher", "tokens", "out") if not getattr(config, k)]
     if missing:
-        print(f"kdjax precompute: missing {', '.join(missing)}; give them in --config or as "
-              f"--{missing[0]} …", file=sys.stderr)
-        return 2
+        raise ConfigError(f"missing {', '.join(missing)}; give them in --config or as "
+                          f"--{missing[0]} …")
+    return config
+
+
+def run_precompute(args) -> int:
+    config = precompute_config(args)
     initialize_from_args(args)
     from kdjax.teacher.precompute import precompute
 
@@ -60,11 +89,15 @@ def run_precompute(args) -> int:
 
 
 def run_inspect(args) -> int:
+    from kdjax.cli import EXIT_DATA_DAMAGE
     from kdjax.teacher.inspect import inspect_store, report_lines
+    from kdjax.train._schema import check_dir
 
+    check_dir(args.store, None, what="teacher store", hint="; pass the directory "
+              "`kdjax precompute` wrote (its --out)")
     report = inspect_store(args.store, check=not args.no_check, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         print("\n".join(report_lines(report)))
-    return 1 if report["problems"] else 0
+    return EXIT_DATA_DAMAGE if report["problems"] else 0

@@ -15,6 +15,9 @@ YAML (`kdjax precompute --config precompute.yaml [key=value ...]`):
     dtype: bfloat16                  # teacher compute dtype (the default); float32 = full
                                      # precision
 
+Every setting, its default and its meaning: `kdjax precompute --help`; an example file:
+configs/precompute/quickstart_sampled.yaml.
+
 The teacher runs in bfloat16 by default, weights included (it has no optimizer state and
 is only read): weights and activations are bf16, matmuls accumulate in f32 (XLA's bf16
 dots on CPU, GPU and TPU), and the top-k and sampled signals come from f32 logits (the
@@ -27,87 +30,97 @@ Dense stores hold the decoder's logits, which are in the compute dtype: use
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping, Sequence
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
 from kdjax.teacher.signal import MODES
+from kdjax.train import _schema
+from kdjax.train._schema import ConfigError, check, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecomputeConfig:
-    """Settings of one precompute run.
-
-    Attributes:
-      teacher: checkpoint directory (`kdjax.models.from_pretrained`).
-      tokens: token-store directory (`kdjax.data.open_token_store`).
-      out: teacher-store directory to write; a rerun resumes it.
-      mode: "sampled" | "topk" | "dense".
-      k: top-k ids per position (topk).
-      num_samples: N, draws per position (sampled).
-      num_slots: U, distinct ids kept per position (sampled); more distinct → the U
-        largest counts are kept and the overflow is counted in the manifest.
-      temperature: T of p = softmax(logits / T) for topk and sampled (dense stores raw
-        logits).
-      seed: sampling seed; draws are a pure function of (seed, row).
-      batch_size: global rows per teacher forward (divisible by the data-parallel size
-        and by the number of processes).
-      shard_rows: rows per shard (the unit a process writes and a rerun redoes).
-      chunk_rows: rows per crc32c chunk (the random-read unit of the loader).
-      hidden_layers: residual-stream indices whose hidden states are also stored.
-      hidden_dtype, dense_dtype, logprob_dtype: stored dtypes.
-      dtype: teacher compute dtype, "bfloat16" (default), "float32" or "float16"; the
-        logits the signal is computed from are f32 whatever it is.
-      param_dtype: dtype the teacher's weights are loaded in; None (default) = `dtype`.
-        Both apply when `teacher` is loaded from its checkpoint; a model passed to
-        `precompute(model=...)` runs as built.
-      mesh: (data, fsdp, tensor) sizes; one may be -1 (all remaining devices).
-      teacher_fingerprint: overrides hashing the checkpoint (e.g. a model hub revision).
-      overwrite: replace an existing store written with different settings.
-      progress: show a progress bar.
-    """
+    """Settings of one precompute run (each field's meaning is the string under it; `kdjax
+    precompute --help` lists them with their defaults)."""
 
     teacher: str = ""
+    """Required: the teacher checkpoint directory (a Hugging Face model: config.json +
+    *.safetensors). Its tokenizer, when the directory holds one, must be the token store's."""
     tokens: str = ""
+    """Required: the token store directory to run the teacher over (`kdjax pack` writes one)."""
     out: str = ""
+    """Required: the teacher store directory to write; a rerun resumes it (only missing shards)."""
     mode: str = "topk"
+    """What is stored per position: topk (the k most likely ids and their log-probs),
+    sampled (num_samples draws, as (id, count) slots) or dense (every logit; debug-size
+    vocabularies only)."""
     k: int = 32
+    """topk: ids kept per position."""
     num_samples: int = 64
+    """sampled: N, draws per position from p = softmax(logits / T)."""
     num_slots: int = 32
+    """sampled: U, distinct (id, count) slots kept per position; when more ids are drawn,
+    the U largest counts are kept and the overflow is counted in the manifest."""
     temperature: float = 1.0
+    """T of p = softmax(logits / T) for topk and sampled (dense stores raw logits)."""
     seed: int = 0
+    """Sampling seed; the draws are a pure function of (seed, row)."""
     batch_size: int = 8
+    """Global rows per teacher forward (divisible by the data-parallel size and by the
+    number of processes)."""
     shard_rows: int = 64
+    """Rows per shard file: the unit a process writes and a rerun redoes."""
     chunk_rows: int = 1
+    """Rows per crc32c chunk (the random-read unit of the loader); divides shard_rows."""
     hidden_layers: tuple[int, ...] = ()
+    """Residual-stream indices whose teacher hidden states are stored too, e.g. [-1]."""
     hidden_dtype: str = "bfloat16"
+    """Stored dtype of the hidden states."""
     dense_dtype: str = "float32"
+    """Stored dtype of dense logits."""
     logprob_dtype: str = "float32"
+    """Stored dtype of top-k log-probs."""
     dtype: str = "bfloat16"
+    """Teacher compute dtype: bfloat16, float32 or float16; the signal is computed from f32
+    logits whatever it is (use float32 for a dense store)."""
     param_dtype: str | None = None
+    """Dtype the teacher's weights are loaded in; null = `dtype`."""
     mesh: tuple[int, int, int] = (-1, 1, 1)
+    """(data, fsdp, tensor) device-mesh sizes; one may be -1 (all remaining devices)."""
+    tokenizer: str | None = None
+    """Directory of the teacher's tokenizer, which the token store must have been packed
+    with; null = the tokenizer files in the teacher directory (when it has none, the check
+    is skipped with a note)."""
     teacher_fingerprint: str | None = None
+    """Identifies the teacher's weights instead of hashing the checkpoint (e.g. a hub
+    revision); required for a teacher passed as a model object."""
     overwrite: bool = False
+    """Replace an existing store written with different settings (also `--overwrite`)."""
     progress: bool = True
+    """Show a progress bar and the end-of-run summary."""
+
+    # names users try for the settings above (the unknown-key error suggests these)
+    ALIASES = {"topk": "k", "top_k": "k", "samples": "num_samples", "n": "num_samples",
+               "n_samples": "num_samples", "slots": "num_slots", "u": "num_slots",
+               "bs": "batch_size", "teacher_dir": "teacher", "model": "teacher",
+               "data": "tokens", "token_store": "tokens", "output": "out", "out_dir": "out",
+               "output_dir": "out", "store": "out", "temp": "temperature"}
+    OVERRIDE_FORM = "key=value (e.g. mode=topk)"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_layers", tuple(int(h) for h in self.hidden_layers))
         object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_choice(self.mode, MODES, "mode")
         for name in ("k", "num_samples", "num_slots", "batch_size", "shard_rows",
                      "chunk_rows"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.shard_rows % self.chunk_rows:
-            raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of "
-                             f"chunk_rows ({self.chunk_rows})")
-        if len(self.mesh) != 3:
-            raise ValueError(f"mesh must be (data, fsdp, tensor), got {self.mesh}")
+            value = getattr(self, name)
+            check(int(value) >= 1, name, f"must be >= 1, got {value}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.shard_rows % self.chunk_rows == 0, "shard_rows",
+              f"{self.shard_rows} must be a multiple of chunk_rows ({self.chunk_rows})")
+        check(len(self.mesh) == 3, "mesh", f"must be [data, fsdp, tensor], got {self.mesh}")
         for name in ("hidden_dtype", "dense_dtype", "logprob_dtype"):
             _check_float_dtype(name, getattr(self, name))
         for name in ("dtype", "param_dtype"):
@@ -117,34 +130,15 @@ class PrecomputeConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> PrecomputeConfig:
-        """Builds a config from a mapping; an unknown key is an error naming the nearest."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in fields:
-                near = difflib.get_close_matches(key, fields, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ValueError(f"unknown precompute setting {key!r}{hint} "
-                                 f"(valid: {', '.join(fields)})")
-        return cls(**dict(values))
+        """Builds a config from a mapping; an unknown key is an error naming the nearest,
+        a value of the wrong type one naming the key."""
+        return _schema.build(cls, dict(values))
 
     @classmethod
     def load(cls, path: str | None = None, overrides: Sequence[str] = ()) -> PrecomputeConfig:
-        """Reads a YAML file (optional) and applies `key=value` overrides (YAML values)."""
-        import yaml
-
-        values = {}
-        if path:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{path} must hold a YAML mapping of precompute settings, "
-                                 f"got {type(values).__name__}")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value (e.g. mode=topk)")
-            values[key.strip()] = yaml.safe_load(raw)
-        return cls.from_dict(values)
+        """Reads a YAML file (optional) and applies `key=value` overrides (YAML values), as
+        `kdjax train` reads its config (one loader for both)."""
+        return _schema.load(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,7 +154,7 @@ TEACHER_DTYPES = ("bfloat16", "float32", "float16")
 
 def _check_teacher_dtype(name: str, value) -> None:
     if value not in TEACHER_DTYPES:
-        raise ValueError(f"{name} must be one of {TEACHER_DTYPES} (the teacher's compute "
+        raise ConfigError(f"{name} must be one of {TEACHER_DTYPES} (the teacher's compute "
                          f"dtype; bfloat16 is the default, float32 for full precision), "
                          f"got {value!r}")
 
@@ -171,5 +165,5 @@ def _check_float_dtype(name: str, value: str) -> None:
     except TypeError:
         dt = None
     if dt is None or (dt.kind != "f" and dt.name != "bfloat16"):
-        raise ValueError(f"{name} must be a float dtype name (float32, bfloat16, float16), "
+        raise ConfigError(f"{name} must be a float dtype name (float32, bfloat16, float16), "
                          f"got {value!r}")

@@ -32,22 +32,29 @@ def inspect_store(path: str | os.PathLike, *, check: bool = True,
                   progress: bool = True) -> dict:
     """Reads the manifest and (with `check`) every chunk of every array of a teacher store.
 
-    Returns a report dict: manifest, complete, missing shards, size on disk, bytes per token
-    (signal and on disk), distinct ids and mass covered per loss position (measured from
-    the stored data when checked; else the manifest's statistics) and `problems`, one
-    message per unreadable chunk naming the array, the chunk file and its rows.
+    Returns a report dict: manifest, complete, missing shards, rows written, size on disk,
+    bytes per token (signal, and on disk over the rows written), `distinct_per_position`
+    (the manifest's statistic: sampled ids drawn per position, before the U-slot cap),
+    `checked`, and when checked `stored_ids_per_position` (after the cap) and the teacher
+    mass covered (topk) / fraction of draws kept (sampled) measured from the stored data,
+    and `problems`, one message per unreadable chunk naming the array, the chunk file and
+    its rows. Shards not written yet (an incomplete store) are not read.
     """
     store = open_teacher_store(path, require_complete=False)
     m = store.manifest
     rows, length = int(m["num_rows"]), int(m["seq_len"])
     shard_rows = int(m["shard_rows"])
     num_shards = -(-rows // shard_rows)
+    missing = ShardLedger(path, num_shards).missing()
+    written = rows - sum(min(shard_rows, rows - s * shard_rows) for s in missing)
     size = disk_bytes(path)
     report = {"path": str(path), "manifest": m, "complete": bool(m.get("complete")),
-              "missing_shards": ShardLedger(path, num_shards).missing(),
-              "disk_bytes": size, "disk_bytes_per_token": size / (rows * length),
-              "signal_bytes_per_token": signal_bytes_per_token(m), "problems": []}
+              "missing_shards": missing, "rows_written": written, "disk_bytes": size,
+              "disk_bytes_per_token": size / (written * length) if written else None,
+              "signal_bytes_per_token": signal_bytes_per_token(m), "problems": [],
+              "checked": check}
     stats = m.get("stats", {})
+    # ids drawn per position before the U-slot cap (sampled; the manifest's statistic)
     report["distinct_per_position"] = stats.get("distinct_per_position")
     report["mass_covered"] = stats.get("mass_covered")
     if not check:
@@ -55,8 +62,9 @@ def inspect_store(path: str | os.PathLike, *, check: bool = True,
     needed = {"loss_mask", *{"sampled": ("counts",), "topk": ("logprobs",),
                              "dense": ()}[m["mode"]]}
     totals = np.zeros(3)
-    for lo in tqdm(range(0, rows, shard_rows), desc="checking chunks", unit="shard",
-                   disable=not progress):
+    skip = set(missing)  # not written yet: nothing to check (the report says they miss)
+    for lo in tqdm([lo for lo in range(0, rows, shard_rows) if lo // shard_rows not in skip],
+                   desc="checking chunks", unit="shard", disable=not progress):
         data, ok = {}, True
         for name, arr in store.arrays.items():
             try:
@@ -70,7 +78,7 @@ def inspect_store(path: str | os.PathLike, *, check: bool = True,
         if ok:
             totals += _shard_stats(data, m)
     n = max(totals[0], 1.0)
-    report["distinct_per_position"] = totals[1] / n
+    report["stored_ids_per_position"] = totals[1] / n  # after the cap, as the loss reads
     key = "sample_fraction_kept" if m["mode"] == "sampled" else "mass_covered"
     report[key] = totals[2] / n
     return report
@@ -91,10 +99,13 @@ def report_lines(r: dict) -> list[str]:
            f"{str(m['tokenizer_fingerprint'])[:16]}  data {str(m['data_fingerprint'])[:16]}",
            f"  complete: {r['complete']}"
            + (f" ({len(r['missing_shards'])} shards missing)" if r["missing_shards"] else ""),
-           f"  size on disk {r['disk_bytes']:,} bytes: {r['disk_bytes_per_token']:.1f} "
-           f"bytes/token ({r['signal_bytes_per_token']:.1f} of them teacher signal)"]
-    if r.get("distinct_per_position") is not None:
-        out.append(f"  distinct ids/position {r['distinct_per_position']:.2f}")
+           _size_line(r)]
+    if mode == "sampled" and r.get("distinct_per_position") is not None:
+        out.append(f"  distinct ids drawn/position {r['distinct_per_position']:.2f} (before "
+                   f"the U={m.get('num_slots')} slot cap)")
+    if r.get("stored_ids_per_position") is not None:
+        out.append(f"  ids stored/position {r['stored_ids_per_position']:.2f}"
+                   + (" (after the slot cap)" if mode == "sampled" else ""))
     if r.get("mass_covered") is not None:
         out.append(f"  teacher mass covered {r['mass_covered']:.4f}")
     if "sample_fraction_kept" in r:
@@ -104,6 +115,19 @@ def report_lines(r: dict) -> list[str]:
     if r["problems"]:
         out.append(f"  CORRUPT: {len(r['problems'])} unreadable chunk(s):")
         out += [f"    {p}" for p in r["problems"]]
-    elif "sample_fraction_kept" in r or "mass_covered" in r:
+    elif not r.get("checked", True):
+        out.append("  chunks NOT checked (--no-check): only the manifest was read; run "
+                   "without --no-check to read every chunk and verify its crc32c")
+    elif r["rows_written"]:
         out.append("  every chunk read back intact (crc32c)")
     return out
+
+
+def _size_line(r: dict) -> str:
+    """Size on disk and bytes per token, over the rows written so far."""
+    head, signal = f"  size on disk {r['disk_bytes']:,} bytes", r["signal_bytes_per_token"]
+    if not r["rows_written"]:
+        return f"{head}: no shard written yet ({signal:.1f} bytes/token of teacher signal)"
+    over = "" if r["complete"] else f" over the {r['rows_written']} rows written so far"
+    return (f"{head}: {r['disk_bytes_per_token']:.1f} bytes/token{over} ({signal:.1f} of "
+            "them teacher signal)")

@@ -31,6 +31,7 @@ from kdjax.teacher.config import PrecomputeConfig
 from kdjax.teacher.progress import Progress, summary_lines
 from kdjax.teacher.step import build_step, normalize_layers, shard_stats, total_stats
 from kdjax.teacher.writer import BackgroundWriter, ShardAssembler
+from kdjax.train import _schema
 
 
 def _teacher_fingerprint(config: PrecomputeConfig, model) -> str:
@@ -40,6 +41,45 @@ def _teacher_fingerprint(config: PrecomputeConfig, model) -> str:
         return fingerprint_dir(config.teacher, patterns=("config.json", "*.safetensors"))
     raise ValueError("a teacher passed as a model object needs config.teacher_fingerprint "
                      "(a string identifying its weights) so the store can be matched to it")
+
+
+_TEACHER_HINT = ("; pass a local Hugging Face model directory (config.json and *.safetensors, "
+                 "as transformers' save_pretrained writes)")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_dir(config: PrecomputeConfig) -> str | None:
+    """The tokenizer the token store must match: `config.tokenizer`, else the teacher
+    directory when it holds tokenizer files, else None (nothing to check against)."""
+    if config.tokenizer:
+        return config.tokenizer
+    if config.teacher and any((Path(config.teacher) / f).is_file() for f in _TOKENIZER_FILES):
+        return config.teacher
+    return None
+
+
+def check_tokenizer(config: PrecomputeConfig, token_store) -> None:
+    """Refuses a token store packed with another tokenizer than the teacher's (its signal
+    would score other tokens than the rows hold), naming both tokenizers' fingerprints and
+    vocabulary sizes. With no tokenizer to compare (no `tokenizer` setting and a teacher
+    directory without tokenizer files) it says so and goes on."""
+    from kdjax.models import load_tokenizer
+
+    path = _tokenizer_dir(config)
+    if path is None:
+        if config.progress and distributed.is_primary():
+            print(f"kdjax precompute: note: {config.teacher or 'the teacher'} holds no "
+                  "tokenizer, so the token store's tokenizer is not checked against it (set "
+                  "tokenizer=DIR to check)", flush=True)
+        return
+    _schema.check_dir(path, "tokenizer" if config.tokenizer else "teacher",
+                      what="tokenizer directory")
+    token_store.check_tokenizer(
+        load_tokenizer(path), whose=f"the teacher's in {path!r}" if path == config.teacher
+        else f"tokenizer={path!r}",
+        advice=f"re-pack the data with the teacher's tokenizer (`kdjax pack SOURCE "
+        f"--tokenizer {path} …`); if the teacher really uses the store's tokenizer, set "
+        "tokenizer=DIR to the directory the store was packed with")
 
 
 def _metadata(config: PrecomputeConfig, tokens, mcfg, layers, teacher_fp: str) -> dict:
@@ -103,10 +143,17 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
       `seconds`, `tokens_per_s` (including compilation), `steady_tokens_per_s` (after the
       first step), `write_seconds` (background writer busy time), `path`.
     """
+    if model is None:
+        _schema.check_dir(config.teacher, "teacher", what="teacher directory",
+                          holds="config.json", hint=_TEACHER_HINT)
     if token_store is None:
         from kdjax.data import open_token_store
 
+        _schema.check_dir(config.tokens, "tokens", what="token store",
+                          hint="; pack one with `kdjax pack SOURCE --tokenizer TEACHER_DIR "
+                          "--out DIR --seq-len L` and pass DIR/train")
         token_store = open_token_store(config.tokens)
+    check_tokenizer(config, token_store)
     mesh = make_mesh(*config.mesh) if mesh is None else mesh
     if model is None:
         from kdjax.models import from_pretrained
@@ -128,6 +175,12 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
     writer = _open_writer(config, layout, token_store.num_rows, metadata)
     try:
         todo = _todo(writer)
+        if len(todo) < writer.num_shards and distributed.is_primary():
+            done, total = writer.num_shards - len(todo), writer.num_shards
+            print(f"kdjax precompute: resuming {config.out}: {done} of {total} shards already "
+                  f"written, {len(todo)} to compute" if todo else f"kdjax precompute: "
+                  f"{config.out} already holds all {total} shards; nothing to compute",
+                  flush=True)
         t0 = time.perf_counter()
         timing = _run(config, model, mesh, token_store, writer, todo, layers)
         seconds = time.perf_counter() - t0

@@ -48,8 +48,9 @@ def summary_lines(summary: dict) -> list[str]:
         f"{summary['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s)",
         f"  signal {signal_bytes_per_token(m):.1f} bytes/token; on disk {size:,} bytes "
         f"({size / max(tokens_total, 1):.1f} bytes/token)",
-        f"  teacher mass covered {stats.get('mass_covered', float('nan')):.4f}, "
-        f"distinct ids/position {stats.get('distinct_per_position', float('nan')):.2f}",
+        f"  teacher mass covered {stats.get('mass_covered', float('nan')):.4f}"
+        + (f", distinct ids drawn/position {stats.get('distinct_per_position', 0.0):.2f} "
+           f"(before the U={m['num_slots']} slot cap)" if mode == "sampled" else ""),
     ]
     if mode == "sampled":
         lines.append(f"  overflow: {stats['overflow_rate']:.4%} of positions drew more than "

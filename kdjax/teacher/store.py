@@ -80,6 +80,24 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+# what a difference in each manifest field means, in the order they are checked
+_CAUSES = {
+    "tokenizer_fingerprint": "it was computed on tokens from another tokenizer",
+    "tokenizer_vocab_size": "it was computed on tokens from another vocabulary",
+    "vocab_size": "",  # the run's (student's) vocabulary: `_check_vocab`
+    "seq_len": "it was computed on rows of another sequence length",
+    "data_fingerprint": "it was computed on other data (same tokenizer and sequence length)",
+    "num_rows": "it was computed on another number of rows",
+}
+
+
+def _short(value) -> str:
+    """A manifest value for a message: fingerprints cut to 16 hex digits."""
+    if isinstance(value, str) and len(value) > 24:
+        return repr(value[:16] + "…")
+    return repr(value)
+
+
 class TeacherStore:
     """Reader of a complete teacher store (use `open_teacher_store`)."""
 
@@ -134,9 +152,10 @@ class TeacherStore:
     def check_compatible(self, token_store=None, *, vocab_size: int | None = None,
                          seq_len: int | None = None, tokenizer_fingerprint: str | None = None,
                          data_fingerprint: str | None = None) -> None:
-        """Refuses (StoreMismatchError naming the field and both values) a store that does
-        not belong to this run: the token store's data and tokenizer fingerprints, row
-        length and row count, and the run's (student's) vocabulary size.
+        """Refuses (StoreMismatchError) a store that does not belong to this run, naming the
+        concrete cause first: the tokenizer, the vocabulary (the token store's, then the
+        run's / student's), the sequence length, and only then the data (fingerprint and
+        row count), with both values.
 
         A student vocabulary other than the teacher's is accepted only where the losses
         stay exact: it must hold the tokenizer's ids, and every stored id (top-k/sampled)
@@ -144,21 +163,34 @@ class TeacherStore:
         """
         want = {}
         if token_store is not None:
-            want.update(data_fingerprint=token_store.fingerprint,
-                        tokenizer_fingerprint=token_store.tokenizer_fingerprint,
-                        seq_len=int(token_store.seq_len), num_rows=int(token_store.num_rows))
-        given = dict(seq_len=seq_len, tokenizer_fingerprint=tokenizer_fingerprint,
+            want.update(tokenizer_fingerprint=token_store.tokenizer_fingerprint,
+                        tokenizer_vocab_size=int(token_store.vocab_size),
+                        seq_len=int(token_store.seq_len),
+                        data_fingerprint=token_store.fingerprint,
+                        num_rows=int(token_store.num_rows))
+        given = dict(tokenizer_fingerprint=tokenizer_fingerprint, seq_len=seq_len,
                      data_fingerprint=data_fingerprint)
         want.update({k: v for k, v in given.items() if v is not None})
-        for field, expected in want.items():
-            have = self.manifest.get(field)
+        for field in _CAUSES:  # in this order: the first difference is the cause
+            if field == "vocab_size":
+                if vocab_size is not None:
+                    self._check_vocab(int(vocab_size))
+                continue
+            unrecorded = field == "tokenizer_vocab_size" and field not in self.manifest
+            if field not in want or unrecorded:  # (stores written before it was recorded)
+                continue
+            have, expected = self.manifest.get(field), want[field]
             if have != expected:
+                where = (f" (token store {str(token_store.path)!r})"
+                         if token_store is not None else "")
+                if field == "tokenizer_fingerprint" and token_store is not None:
+                    where += (f"; vocabulary {self.manifest.get('tokenizer_vocab_size')} vs "
+                              f"{token_store.vocab_size}")
                 raise StoreMismatchError(
-                    f"teacher store {str(self.path)!r} does not match this run: its {field} "
-                    f"is {have!r} but the run has {expected!r}. Re-run `kdjax precompute` "
-                    f"for this token store/teacher, or point the run at the matching store")
-        if vocab_size is not None:
-            self._check_vocab(int(vocab_size))
+                    f"teacher store {str(self.path)!r} does not match this run: "
+                    f"{_CAUSES[field]}: its {field} is {_short(have)} but the run has "
+                    f"{_short(expected)}{where}. Re-run `kdjax precompute` for this token "
+                    "store/teacher, or point the run at the matching store")
 
     def _check_vocab(self, v: int) -> None:
         m = self.manifest

@@ -116,15 +116,20 @@ ALIASES = {"learning_rate": "lr", "batch_size": "global_batch_size", "num_steps"
            "loss": "divergence", "gradient_accumulation_steps": "micro_batches"}
 
 
-def _unknown_key(cls, name: str, prefix: str) -> ConfigError:
+def _unknown_key(cls, name: str, prefix: str, root=None) -> ConfigError:
+    """The error for key `name` of section `cls`, naming the nearest valid key: an alias
+    (`ALIASES`, plus the root dataclass's own `ALIASES` class attribute), a similar key of
+    the section, or a similar key of another section of `root` (default: the train
+    `Config`)."""
+    if root is None:
+        from kdjax.train.config import Config as root
     names = [f.name for f in dataclasses.fields(cls)]
-    hit = ([ALIASES[name]] if ALIASES.get(name) in names
+    aliases = {**ALIASES, **getattr(root, "ALIASES", {})}
+    hit = ([aliases[name]] if aliases.get(name) in names
            else difflib.get_close_matches(name, names, n=1, cutoff=0.5))
     suggestion = f" (did you mean {prefix + hit[0]!r}?)" if hit else ""
     if not hit:  # maybe it belongs to another section: match on the last path component
-        from kdjax.train.config import Config
-
-        paths = _all_paths(Config)
+        paths = _all_paths(root)
         leaf = {p.rsplit(".", 1)[-1]: p for p in reversed(paths)}
         hit = difflib.get_close_matches(name, list(leaf), n=1, cutoff=0.75)
         if hit:
@@ -141,7 +146,7 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(tp, value, key: str):
+def _coerce(tp, value, key: str, root=None):
     """Checks (and mildly converts) a YAML value against a field annotation."""
     base, optional = _unwrap_optional(tp)
     if value is None:
@@ -155,7 +160,7 @@ def _coerce(tp, value, key: str):
             raise ConfigTypeError(f"{key}: expected a mapping of {base.__name__} fields, got "
                                   f"{type(value).__name__} {value!r}")
         try:
-            return build(base, value, key + ".")
+            return build(base, value, key + ".", root=root)
         except ConfigError as e:  # sections name their own keys; nested helpers do not
             if str(e).startswith(key) or str(e).startswith(("unknown", "missing")):
                 raise
@@ -191,19 +196,22 @@ def _coerce(tp, value, key: str):
                           f"{type(value).__name__} {value!r}{hint}")
 
 
-def build(cls, data: dict[str, Any], prefix: str):
-    """`cls(**data)` with unknown keys, missing required keys and types checked."""
+def build(cls, data: dict[str, Any], prefix: str = "", *, root=None):
+    """`cls(**data)` with unknown keys, missing required keys and types checked. `root` is
+    the top-level dataclass `cls` belongs to (default: `cls` itself at prefix "", else the
+    train `Config`), searched for the nearest key when one is unknown."""
+    root = cls if root is None and not prefix else root
     if not isinstance(data, dict):
         raise ConfigTypeError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
                               f"{type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
         if name not in fields:
-            raise _unknown_key(cls, str(name), prefix)
+            raise _unknown_key(cls, str(name), prefix, root)
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(_hints(cls)[name], data[name], prefix + name)
+            kwargs[name] = _coerce(_hints(cls)[name], data[name], prefix + name, root)
         elif (field.default is dataclasses.MISSING
               and field.default_factory is dataclasses.MISSING):
             raise ConfigError(f"missing required config key {prefix + name!r}")
@@ -247,8 +255,8 @@ def set_override(cls, data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value "
-                          "(e.g. optimizer.lr=3e-4)")
+        form = getattr(cls, "OVERRIDE_FORM", "key.sub=value (e.g. optimizer.lr=3e-4)")
+        raise ConfigError(f"override {item!r} is not of the form {form}")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
@@ -260,7 +268,7 @@ def set_override(cls, data: dict[str, Any], item: str) -> None:
         prefix = ".".join(parts[:i]) + ("." if i else "")
         if dataclasses.is_dataclass(tp):
             if part not in [f.name for f in dataclasses.fields(tp)]:
-                raise _unknown_key(tp, part, prefix)
+                raise _unknown_key(tp, part, prefix, cls)
             name: Any = part
             sub = _unwrap_optional(_hints(tp)[part])[0]
             tp = sub if dataclasses.is_dataclass(sub) else (
@@ -279,6 +287,35 @@ def set_override(cls, data: dict[str, Any], item: str) -> None:
 
 
 # ----------------------------------------------------------------------------- io
+
+
+def load(cls, path: str | os.PathLike | None, overrides=()):
+    """A validated `cls` from a YAML file (optional) with `key.sub=value` overrides applied
+    in order: the one loader of `kdjax train` and `kdjax precompute` settings.
+
+    Raises:
+      ConfigError: a missing or malformed file, an unknown key (naming the nearest valid
+        one), a bad type or value, with the key and the value seen.
+    """
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        set_override(cls, data, item)
+    return build(cls, data)
+
+
+def check_dir(path: str | os.PathLike | None, key: str | None, *, what: str = "directory",
+              holds: str | None = None, hint: str = "") -> None:
+    """Raises ConfigError (naming setting `key`, when given) unless `path` (None: not set,
+    nothing to check) is an existing directory, holding the file `holds` when given."""
+    if path is None:
+        return
+    p, name, at = os.path.expanduser(os.fspath(path)), repr(str(path)), f"{key}: " if key else ""
+    if not os.path.exists(p):
+        raise ConfigError(f"{at}{what} {name} does not exist{hint}")
+    if not os.path.isdir(p):
+        raise ConfigError(f"{at}{name} is a file, not a {what}{hint}")
+    if holds and not os.path.exists(os.path.join(p, holds)):
+        raise ConfigError(f"{at}{what} {name} has no {holds}{hint}")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

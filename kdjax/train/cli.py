@@ -1,40 +1,50 @@
-"""`kdjax train`, `kdjax eval` and `kdjax export` (registered by kdjax/cli.py).
-
-    kdjax train --config configs/quickstart.yaml [key.sub=value ...]
-        Trains; if the run directory already holds a checkpoint, resumes from it (the
-        config must agree with the saved one, see kdjax.train.checkpoint).
-    kdjax train --config FILE --print-config [key.sub=value ...]
-        Validates and prints the resolved config, then exits (nothing is built).
-    kdjax eval RUN_DIR [--step N] [key.sub=value ...]
-        Held-out CE / perplexity (and KL / top-1 agreement with a teacher signal) of a
-        checkpoint, with the run's own config.
-    kdjax export RUN_DIR --out DIR [--step N] [--dtype bfloat16]
-        Writes the student as a Hugging Face directory (transformers loads it), plus the
-        tokenizer when the run names one.
-
-Multi-process (one command per host): add `--distributed` (TPU pods, SLURM) or
-`--num-processes P --process-id I --coordinator-address HOST:PORT`. Every process computes;
-process 0 alone writes what the hosts share (the packed stores of `data.dataset`, the
-export) and prints the summary, the others wait for it (`kdjax.distributed.on_primary`).
-"""
+"""`kdjax train` and `kdjax export` (`kdjax eval`: kdjax.train.eval_cli)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 from kdjax.distributed import add_distributed_args, initialize_from_args, is_primary, on_primary
 
 TOKENIZER_FILES = (".model", ".tiktoken", ".jinja", "merges.txt", "vocab.json", "vocab.txt")
-OVERRIDES_HELP = "config overrides, e.g. optimizer.lr=3e-4 steps=500 (values are YAML)"
+OVERRIDES_HELP = "any setting below, e.g. optimizer.lr=3e-4 steps=500 (values are YAML)"
+
+TRAIN_HELP = """\
+Distil (or train) a student as a YAML config says; settings can be overridden with
+key.sub=value arguments. If the run directory already holds a checkpoint, training resumes
+from it (the config must agree with the saved one) and ends at `steps`.
+
+  kdjax train --config configs/quickstart.yaml
+  kdjax train --config configs/quickstart.yaml optimizer.lr=1e-3 run_dir=runs/lr1e-3
+  kdjax train --config configs/quickstart.yaml objective.alpha=1 store.path=null \\
+      run_dir=runs/baseline          (hard labels only: the baseline)
+  kdjax train --config FILE --print-config [key.sub=value ...]   (validate, print, exit)
+
+The teacher signal comes from a teacher store (store.path, written by `kdjax precompute`)
+or an online teacher (teacher.path). Outputs in run_dir: checkpoints/, config.yaml,
+metrics.jsonl, tensorboard/, curves.png. Multi-process (one command per host): add
+--distributed (TPU pods, SLURM) or --num-processes P --process-id I --coordinator-address
+HOST:PORT."""
+
+EXPORT_HELP = """\
+Write a run's student (a checkpoint's weights) as a Hugging Face directory that
+transformers and `kdjax eval --model` load, with the tokenizer (--tokenizer, default the
+run's data.tokenizer) and the generation config of the model it started from.
+
+  kdjax export runs/distilled --out runs/distilled/hf
+  kdjax export runs/distilled --out student-bf16 --step 400 --dtype bfloat16"""
 
 
 def add_parser(subparsers) -> None:
+    from kdjax.train import eval_cli
+    from kdjax.train._docs import settings_help
+    from kdjax.train.config import Config
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("train", help="distil (or train) a student from a YAML config",
-                              description=__doc__, formatter_class=fmt)
+                              description=TRAIN_HELP, epilog=settings_help(Config),
+                              formatter_class=fmt)
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--print-config", action="store_true",
                    help="validate and print the resolved config, then exit")
@@ -42,17 +52,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     p.set_defaults(func=run_train)
 
-    e = subparsers.add_parser("eval", help="evaluate a run's checkpoint on held-out data",
-                              description=__doc__, formatter_class=fmt)
-    e.add_argument("run_dir", help="run directory written by `kdjax train`")
-    e.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    add_distributed_args(e)
-    e.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
-    e.set_defaults(func=run_eval)
+    eval_cli.add_parser(subparsers)
 
-    x = subparsers.add_parser("export", help="write a run's student as a Hugging Face dir",
-                              description=__doc__, formatter_class=fmt)
+    x = subparsers.add_parser("export", help="write a run's student as a Hugging Face directory",
+                              description=EXPORT_HELP, formatter_class=fmt)
     x.add_argument("run_dir", help="run directory written by `kdjax train`")
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
@@ -63,45 +66,48 @@ def add_parser(subparsers) -> None:
     x.set_defaults(func=run_export)
 
 
-def _fail(command: str, error: Exception) -> int:
-    print(f"kdjax {command}: {error}", file=sys.stderr)
-    return 2
-
-
-def _run_config(run_dir: str, overrides: list[str]):
-    from kdjax.train.checkpoint import read_run_config
-
-    config = read_run_config(run_dir)
-    if os.path.abspath(config.run_dir) != os.path.abspath(run_dir):  # the run moved
-        overrides = [f"run_dir={run_dir}", *overrides]
-    return config.replace(*overrides) if overrides else config
-
-
 def run_train(args) -> int:
-    from kdjax.train.checkpoint import ResumeError
-    from kdjax.train.config import ConfigError, load_config
+    from kdjax.train.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return _fail("train", e)
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    check_paths(config)
     initialize_from_args(args)
     from kdjax.train.loop import train
 
-    try:
-        resume_step = _check_resume_early(config)
-        if resume_step is not None:
-            print(f"kdjax train: resuming {config.run_dir} from step {resume_step}")
-        pack_if_needed(config)
-        summary = train(config)
-    except (ConfigError, ResumeError) as e:
-        return _fail("train", e)
+    resume_step = _check_resume_early(config)
+    if resume_step is not None:
+        print(f"kdjax train: resuming {config.run_dir} from step {resume_step}")
+    pack_if_needed(config)
+    summary = train(config)
     if is_primary():
         _print_summary("train", summary)
     return 0
+
+
+def check_paths(config) -> None:
+    """Refuses (ConfigError naming the key) a run whose directories do not exist, before
+    anything is built: the model and teacher directories, the token stores (unless packed
+    from `data.dataset` first) and the teacher stores."""
+    from kdjax.train._schema import check_dir
+
+    hf = "; pass a local Hugging Face model directory (config.json and *.safetensors)"
+    check_dir(config.model.path, "model.path", what="model directory", holds="config.json",
+              hint=hf)
+    check_dir(config.teacher.path, "teacher.path", what="teacher directory",
+              holds="config.json", hint=hf)
+    data = config.data
+    if data.dataset is None:
+        pack = "; pack one with `kdjax pack` (or set data.dataset to pack it first)"
+        check_dir(data.train, "data.train", what="token store", hint=pack)
+        check_dir(data.eval, "data.eval", what="token store", hint=pack)
+    else:
+        check_dir(data.tokenizer, "data.tokenizer", what="tokenizer directory")
+    store = "; write it with `kdjax precompute` (see `kdjax precompute --help`)"
+    check_dir(config.store.path, "store.path", what="teacher store", hint=store)
+    check_dir(config.store.eval_path, "store.eval_path", what="teacher store", hint=store)
 
 
 def _check_resume_early(config) -> int | None:
@@ -143,77 +149,30 @@ def _pack_if_missing(config) -> dict | None:
     return out
 
 
-def run_eval(args) -> int:
-    from kdjax.train.config import ConfigError
-
-    try:
-        config = _run_config(args.run_dir, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        return _fail("eval", e)
-    initialize_from_args(args)
-    try:
-        metrics = evaluate_checkpoint(config, step=args.step)
-    except (ConfigError, FileNotFoundError) as e:
-        return _fail("eval", e)
-    if not is_primary():  # every process computed the same metrics; one reports them
-        return 0
-    if args.json:
-        print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    else:
-        _print_summary("eval", metrics)
-    return 0
-
-
-def evaluate_checkpoint(config, step: int | None = None) -> dict:
-    """Held-out metrics of checkpoint `step` (default newest) of `config`'s run, with the
-    run's eval settings (`eval.batches`, `eval.batch_size`) and teacher signal."""
-    import types
-
-    import jax
-
-    from kdjax.train import loop
-    from kdjax.train.checkpoint import restore_student
-    from kdjax.train.state import param_shardings, split_model
-
-    if not config.data.eval:
-        raise FileNotFoundError("the run has no held-out data: set data.eval=PATH")
-    config.check_devices(jax.device_count())
-    mesh = config.mesh.make()
-    model, step = restore_student(config, step)
-    graphdef, params, rest = split_model(model)
-    params = jax.device_put(params, param_shardings(mesh, model))
-    _, eval_tokens, _, eval_store = loop._open_stores(config, model.config.vocab_size)
-    teacher = (loop.build_teacher(config.teacher.path, config.teacher.dtype, mesh,
-                                  config.teacher.remat) if config.teacher.path else None)
-    view = types.SimpleNamespace(graphdef=graphdef, params={"model": params}, rest=rest)
-    with jax.set_mesh(mesh):
-        run_eval = loop.make_evaluator(config, mesh, view, eval_tokens, eval_store, teacher)
-        return {"step": step, **run_eval(view)}
-
-
 def run_export(args) -> int:
     from kdjax.train.checkpoint import restore_student
-    from kdjax.train.config import ConfigError
+    from kdjax.train.eval_cli import run_config
 
-    try:
-        config = _run_config(args.run_dir, [])
-        tokenizer = args.tokenizer or config.data.tokenizer
-        if args.tokenizer and not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f"--tokenizer {tokenizer!r} is not a directory")
-        initialize_from_args(args)
-        # every process restores (orbax restores collectively); one writes the directory
-        model, step = restore_student(config, args.step)
-        out = on_primary("export", _write_export, model, args.out, args.dtype, tokenizer)
-    except (ConfigError, FileNotFoundError) as e:
-        return _fail("export", e)
+    config = run_config(args.run_dir, [])
+    tokenizer = args.tokenizer or config.data.tokenizer
+    if args.tokenizer and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {tokenizer!r} is not a directory")
+    initialize_from_args(args)
+    # every process restores (orbax restores collectively); one writes the directory
+    model, step = restore_student(config, args.step)
+    origins = [d for d in (config.model.path, tokenizer) if d]
+    out = on_primary("export", _write_export, model, args.out, args.dtype, tokenizer, origins)
     if is_primary():
         copied = f" with the tokenizer from {tokenizer}" if out["tokenizer"] else ""
         print(f"exported the student at step {step} of {args.run_dir} to {out['path']}{copied}")
     return 0
 
 
-def _write_export(model, out_dir: str, dtype: str | None, tokenizer: str | None) -> dict:
-    """Writes the HF directory (and copies the tokenizer's files); returns what it wrote."""
+def _write_export(model, out_dir: str, dtype: str | None, tokenizer: str | None,
+                  origins=()) -> dict:
+    """Writes the HF directory, copies the tokenizer's files and the first
+    `generation_config.json` among `origins` (the directory the student started from, the
+    tokenizer's); returns what it wrote."""
     import shutil
 
     from kdjax.models import save_pretrained
@@ -224,7 +183,11 @@ def _write_export(model, out_dir: str, dtype: str | None, tokenizer: str | None)
         for name in os.listdir(tokenizer):
             if "token" in name or name.endswith(TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tokenizer, name), out / name)
-    return {"path": str(out), "tokenizer": copied}
+    generation = next((os.path.join(d, "generation_config.json") for d in origins
+                       if os.path.isfile(os.path.join(d, "generation_config.json"))), None)
+    if generation:
+        shutil.copy2(generation, out / "generation_config.json")
+    return {"path": str(out), "tokenizer": copied, "generation_config": generation}
 
 
 def _print_summary(command: str, summary) -> None:

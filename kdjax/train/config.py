@@ -196,7 +196,9 @@ class StoreConfig:
     path: str | None = None
     """Teacher store directory matching `data.train`; None for online KD or CE only."""
     eval_path: str | None = None
-    """Teacher store for `data.eval` (enables KL-to-teacher and top-1 agreement in eval)."""
+    """Teacher store for `data.eval` (enables KL-to-teacher and top-1 agreement in eval).
+    It may be set without `path`: a hard-label run (objective.alpha=1) is then evaluated
+    against the same teacher as the distilled one."""
     mode: str | None = None
     """Expected store mode (dense | topk | sampled); None accepts whatever the store has.
     (A store whose data, tokenizer or vocabulary differ from the run is always refused.)"""
@@ -204,8 +206,6 @@ class StoreConfig:
     def __post_init__(self):
         if self.mode is not None:
             check_choice(self.mode, STORE_MODES, "store.mode")
-        if self.eval_path is not None:
-            check(self.path is not None, "store.eval_path", "needs store.path as well")
 
 
 @_frozen
@@ -648,8 +648,5 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = (
       ConfigError (a ValueError): unknown key (naming the nearest valid one), bad type,
         bad value or an inconsistent combination, with the key and the value seen.
     """
-    data = _schema.read_yaml(path) if path is not None else {}
-    for item in overrides:
-        _schema.set_override(Config, data, item)
-    return config_from_dict(data)
+    return _schema.load(Config, path, overrides)
 

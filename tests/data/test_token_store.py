@@ -109,8 +109,12 @@ def test_tokenizer_mismatch_is_refused(token_stores, tokenizer, tmp_path):
     store = open_token_store(token_stores[0], "train")
     store.check_tokenizer(tokenizer)
     other = AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path, vocab_size=300)))
-    with pytest.raises(StoreMismatchError, match="packed with tokenizer .* re-pack"):
+    with pytest.raises(StoreMismatchError, match="packed with another tokenizer .* Re-pack"
+                       ) as err:
         store.check_tokenizer(other)
+    for fp, size in ((store.tokenizer_fingerprint, store.vocab_size),
+                     (tokenizer_fingerprint(other), len(other))):
+        assert f"{fp[:16]}…, vocabulary {size}" in str(err.value)
 
 
 def test_chat_build_masks_prompts(tokenizer, tmp_path, hf_cache):

@@ -33,8 +33,10 @@ def save_tiny_teacher(path, vocab_size: int = 97, seed: int = 0) -> str:
 
 
 def write_token_store(path, *, num_rows: int = 20, seq_len: int = SEQ_LEN,
-                      vocab_size: int = 97, seed: int = 0, shard_rows: int = 8) -> str:
-    """A token store in kdjax.data's format: packed rows of 1–3 segments, some padding."""
+                      vocab_size: int = 97, seed: int = 0, shard_rows: int = 8,
+                      tokenizer_fingerprint: str | None = None) -> str:
+    """A token store in kdjax.data's format: packed rows of 1–3 segments, some padding,
+    recorded as packed with `tokenizer_fingerprint` (default: a made-up one per vocab)."""
     from kdjax.data.token_store import KIND, token_arrays
     from kdjax.storage import RowStoreWriter, fingerprint_bytes, fingerprint_json
 
@@ -53,7 +55,7 @@ def write_token_store(path, *, num_rows: int = 20, seq_len: int = SEQ_LEN,
     loss_mask = (seg > 0) & (nxt == seg)
     arrays = token_arrays(seq_len, vocab_size)
     meta = {"kind": KIND, "seq_len": seq_len, "vocab_size": vocab_size,
-            "tokenizer_fingerprint": f"tiny-tokenizer-{vocab_size}"}
+            "tokenizer_fingerprint": tokenizer_fingerprint or f"tiny-tokenizer-{vocab_size}"}
     with RowStoreWriter(path, arrays=arrays, num_rows=num_rows, shard_rows=shard_rows,
                         metadata=meta) as w:
         digests = []

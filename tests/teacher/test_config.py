@@ -5,6 +5,7 @@ import yaml
 
 from kdjax.cli import main
 from kdjax.teacher import PrecomputeConfig
+from kdjax.train._schema import ConfigError
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -18,20 +19,25 @@ def test_yaml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"num_sample": 3}, "unknown precompute setting 'num_sample'; did you mean 'num_samples'"),
-    ({"mode": "sparse"}, "mode must be one of .* got 'sparse'"),
-    ({"k": 0}, "k must be >= 1, got 0"),
-    ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
-    ({"shard_rows": 10, "chunk_rows": 4}, r"shard_rows \(10\) must be a multiple of chunk_rows"),
+    ({"num_sample": 3}, r"unknown config key 'num_sample' \(did you mean 'num_samples'\?\)"),
+    ({"topk": 16}, r"unknown config key 'topk' \(did you mean 'k'\?\)"),
+    ({"top_k": 16}, r"did you mean 'k'\?"),
+    ({"samples": 16}, r"did you mean 'num_samples'\?"),
+    ({"mode": "top-k"}, r"mode: unknown value 'top-k' \(did you mean 'topk'\?\)"),
+    ({"mode": "sparse"}, r"mode: unknown value 'sparse'.*choose one of"),
+    ({"k": 0}, "k: must be >= 1, got 0"),
+    ({"k": "many"}, "k: expected int, got str 'many'"),
+    ({"temperature": -1.0}, "temperature: must be > 0, got -1.0"),
+    ({"shard_rows": 10, "chunk_rows": 4}, r"shard_rows: 10 must be a multiple of chunk_rows"),
     ({"hidden_dtype": "int8"}, "hidden_dtype must be a float dtype name"),
 ])
 def test_bad_settings_are_named(values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         PrecomputeConfig.from_dict(values)
 
 
 def test_bad_override_syntax():
-    with pytest.raises(ValueError, match="must look like key=value"):
+    with pytest.raises(ConfigError, match=r"'k' is not of the form key=value \(e.g. mode=topk"):
         PrecomputeConfig.load(None, ["k"])
 
 

@@ -19,11 +19,14 @@ MODEL = ("model.init={vocab_size: 64, hidden_size: 16, intermediate_size: 32, nu
 
 
 def main(argv):
-    """`kdjax …` with only this module's subcommands (others may be mid-build)."""
+    """`kdjax …` with only this module's subcommands (others may be mid-build), and the
+    error handling of every command (`kdjax.cli.run_command`)."""
+    from kdjax.cli import run_command
+
     parser = argparse.ArgumentParser(prog="kdjax")
     cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args)
 
 
 @pytest.fixture
@@ -206,3 +209,86 @@ def test_train_resumes_and_refuses_a_changed_config_early(run, monkeypatch, caps
     err = capsys.readouterr().err
     assert "cannot resume" in err and "optimizer.weight_decay: 0.01 → 0.5" in err
     assert len(calls) == 1
+
+
+def test_eval_compares_runs_and_plain_models_in_a_table(run, tmp_path, capsys):
+    """`kdjax eval RUN_A RUN_B --model HF_DIR --data STORE`: one row each; the exported
+    student evaluated as a plain model on the run's first eval batch has the run's CE."""
+    import shutil
+
+    config, _, _ = run
+    other = shutil.copytree(config.run_dir, tmp_path / "moved-run")
+    assert main(["eval", config.run_dir, "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    hf = tmp_path / "hf"
+    assert main(["export", config.run_dir, "--out", str(hf)]) == 0
+    capsys.readouterr()
+    assert main(["eval", config.run_dir, str(other), "--model", str(hf), "--data",
+                 config.data.eval, "--batch-size", str(config.global_batch_size),
+                 "--batches", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| run / model | step | held-out CE | perplexity |")
+    rows = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in lines[2:]}
+    assert list(rows) == [config.run_dir, str(other), str(hf)]
+    assert rows[str(hf)][1] == "-" and rows[str(other)][1] == "4"
+    for cells in rows.values():
+        assert float(cells[2]) == pytest.approx(single["ce"], abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval"], "nothing to evaluate"),
+    (["eval", "{tmp}/nowhere"], "run directory '{tmp}/nowhere' does not exist"),
+    (["eval", "--model", "{tmp}/nowhere", "--data", "{tmp}"], "--model: model directory "
+     "'{tmp}/nowhere' does not exist"),
+    (["eval", "--model", "{tmp}"], "--model needs --data"),
+    (["eval", "{run}", "eval.batchs=2"], "unknown config key 'eval.batchs' (did you mean "
+     "'eval.batches'?)"),
+    (["export", "{tmp}/nowhere", "--out", "{tmp}/hf"], "run directory '{tmp}/nowhere' does "
+     "not exist"),
+])
+def test_eval_and_export_mistakes_are_one_line(run, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, run=run[0].run_dir) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"kdjax {argv[0]}: ")
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_export_copies_the_generation_config(run, tmp_path):
+    import shutil
+
+    config, _, _ = run
+    tokenizer = shutil.copytree(config.data.tokenizer, tmp_path / "tok")
+    (tokenizer / "generation_config.json").write_text('{"eos_token_id": 2}')
+    out = tmp_path / "hf"
+    assert main(["export", config.run_dir, "--out", str(out), "--tokenizer",
+                 str(tokenizer)]) == 0
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 2}
+
+
+def test_train_refuses_missing_directories_before_building(config_file, tmp_path, capsys):
+    for override, message in (
+            (f"model.path={tmp_path}/nowhere", f"model.path: model directory "
+             f"'{tmp_path}/nowhere' does not exist"),
+            (f"model.path={tmp_path}", f"model.path: model directory '{tmp_path}' has no "
+             "config.json"),
+            ("data.eval=/tmp/none-eval", "data.train: token store '/tmp/none' does not exist")):
+        overrides = [override] if override.startswith("model.path") else [MODEL, override]
+        assert main(["train", "--config", str(config_file), *overrides]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+
+
+def test_quickstart_baseline_recipe_works_with_an_eval_store():
+    """The hard-label baseline of configs/quickstart.yaml's header, on a config that also
+    evaluates against a teacher store (store.eval_path) as the distilled run does."""
+    import pathlib
+    import re
+
+    path = pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    header = path.read_text().split("\n\n")[0].replace("\\\n#", "")
+    recipe = re.search(r"kdjax train --config configs/quickstart\.yaml (objective\.alpha=1 .*)",
+                       header).group(1).split()
+    config = load_config(path, ["store.eval_path=runs/quickstart/teacher_store_eval", *recipe])
+    assert config.store.path is None and config.objective.alpha == 1.0
+    assert config.store.eval_path == "runs/quickstart/teacher_store_eval"

@@ -75,6 +75,12 @@ class ModelConfig:
     """Master-weight dtype (the optimizer state follows it)."""
     remat: str = "none"
     """Per-layer rematerialization policy: none | full | dots | dots_no_batch."""
+    attention_impl: str = "auto"
+    """Attention kernel: auto (the platform's: cpu → xla, gpu → cudnn, tpu → splash) |
+    xla | cudnn | splash."""
+    scan_layers: bool = True
+    """Run the stacked decoder layers with one scanned body (compile time flat in depth);
+    false runs a Python loop over them (same values)."""
 
     def __post_init__(self):
         check((self.path is None) != (self.init is None), "model",
@@ -83,6 +89,8 @@ class ModelConfig:
         check_choice(self.dtype, DTYPES, "model.dtype")
         check_choice(self.param_dtype, DTYPES, "model.param_dtype")
         check_choice(self.remat, REMAT, "model.remat")
+        check_choice(self.attention_impl, ("auto", "xla", "cudnn", "splash"),
+                     "model.attention_impl")
         if self.init is not None:
             self.decoder_config()  # validates the inline fields now, not at build time
 
@@ -103,8 +111,12 @@ class ModelConfig:
     def decoder_config(self):
         """`kdjax.models.DecoderConfig` for `init` (from scratch), with this section's
         dtypes and remat policy."""
-        return _schema.decoder_config(self.init or {}, "model.init", dtype=self.dtype,
-                                      param_dtype=self.param_dtype, remat=self.remat)
+        return _schema.decoder_config(self.init or {}, "model.init", **self.overrides())
+
+    def overrides(self) -> dict:
+        """The DecoderConfig fields this section sets (for init and for `from_pretrained`)."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                    attention_impl=self.attention_impl, scan_layers=self.scan_layers)
 
 
 @_frozen

@@ -148,6 +148,7 @@ def test_bad_type(tiny_yaml, override, match):
     (["data={train: /s/train, eval: /x/eval, dataset: d, tokenizer: t, seq_len: 8, "
       "eval_fraction: 0.1}"], r"set data.eval=/s/eval"),
     (["steps"], r"not of the form key.sub=value"),
+    (["model.attention_impl=flash"], r"model.attention_impl"),
     (["optimizer.lr.x=1"], r"'optimizer.lr' is a value, not a section"),
 ])
 def test_bad_value_gives_a_clear_error(tiny_yaml, overrides, match):
@@ -250,3 +251,13 @@ def test_quickstart_yaml_is_the_quickstart_distillation_run():
     shipped = load_config(CONFIGS / "quickstart.yaml", [])
     # the tokenizer path is informational (used by export), the rest must agree
     assert shipped.replace("data.tokenizer=null").to_dict() == expected.to_dict()
+
+
+def test_model_section_reaches_the_decoder(tiny_yaml):
+    """attention_impl and scan_layers of the model section are the decoder's settings."""
+    config = load_config(tiny_yaml, ["model.attention_impl=xla", "model.scan_layers=false",
+                                     "model.remat=full"])
+    cfg = config.model.decoder_config()
+    assert (cfg.attention_impl, cfg.scan_layers, cfg.remat) == ("xla", False, "full")
+    default = load_config(tiny_yaml, []).model.decoder_config()
+    assert (default.attention_impl, default.scan_layers) == ("auto", True)

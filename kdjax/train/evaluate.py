@@ -48,7 +48,12 @@ def make_eval_fn(graphdef, mesh: Mesh, *, teacher: tuple | None = None,
     manifest = tuple((k, store_manifest[k]) for k in keep if k in (store_manifest or {}))
     jitted = _jitted_eval(graphdef, mesh, None if teacher is None else teacher[0], manifest)
     t_arrays = (teacher[1], teacher[2]) if teacher is not None else (None, None)
-    return lambda params, rest, batch: jitted(params, rest, dict(batch), t_arrays)
+
+    def eval_fn(params, rest, batch):
+        return jitted(params, rest, dict(batch), t_arrays)
+
+    eval_fn.jitted = jitted  # `jitted(params, rest, batch, (t_params, t_rest))`, for AOT
+    return eval_fn
 
 
 @functools.lru_cache(maxsize=16)

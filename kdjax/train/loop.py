@@ -24,7 +24,7 @@ from flax import nnx
 from kdjax.train import evaluate as ev
 from kdjax.train.checkpoint import Checkpointer, abstract_like
 from kdjax.train.config import Config
-from kdjax.train.metrics import RunLogger
+from kdjax.train.metrics import FlopCounter, RunLogger
 from kdjax.train.objective import objective_from_config
 from kdjax.train.state import OptimizerSpec, create_train_state, split_model
 from kdjax.train.step import make_train_step
@@ -37,14 +37,14 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_student(config: Config, mesh) -> nnx.Module:
-    """The student Decoder: from a HF directory (`model.path`) or random init (`model.init`)."""
+    """The student Decoder: from a HF directory (`model.path`) or random init (`model.init`),
+    either way created directly in its sharding on `mesh` (no host or one-device copy)."""
     from kdjax import models
 
     m = config.model
     if m.path is not None:
-        return models.from_pretrained(m.path, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                      remat=m.remat)
-    return models.Decoder(m.decoder_config(), rngs=nnx.Rngs(config.seed))
+        return models.from_pretrained(m.path, mesh=mesh, **m.overrides())
+    return models.init_decoder(m.decoder_config(), seed=config.seed, mesh=mesh)
 
 
 def build_teacher(path: str, dtype: str, mesh, remat: str = "full") -> tuple:
@@ -118,6 +118,7 @@ class Run:
     loader: Any
     train_step: Callable
     run_eval: Callable | None
+    flops: FlopCounter | None = None
 
 
 def setup(config: Config) -> Run:
@@ -145,7 +146,8 @@ def setup(config: Config) -> Run:
                                  micro_batches=config.micro_batches,
                                  lr_schedule=spec.schedule(), teacher=teacher)
     run_eval = make_evaluator(config, mesh, state, eval_tokens, eval_store, teacher)
-    return Run(mesh, train_tokens, store, state, loader, train_step, run_eval)
+    return Run(mesh, train_tokens, store, state, loader, train_step, run_eval,
+               flop_counter(student.config, train_tokens.seq_len, teacher))
 
 
 def train(config: Config, *, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
@@ -166,7 +168,7 @@ def train(config: Config, *, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
         if start:
             state = ckpt.restore(abstract_like(state))
         logger = RunLogger(config.run_dir, config.logging, total_steps=config.steps,
-                           start_step=start)
+                           start_step=start, flops=run.flops)
         summary = {}
         stack.callback(lambda: summary or logger.close())  # close the sinks on errors too
         stack.enter_context(run.loader)
@@ -193,6 +195,15 @@ def train(config: Config, *, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
                        final_checkpoint_step=ckpt.latest_step(), eval=final or summary["eval"],
                        nonfinite_skipped=int(state.nonfinite_total), state=state)
     return summary
+
+
+def flop_counter(student_config, seq_len: int, teacher) -> FlopCounter:
+    """Model FLOPs per token of the run (student 6·P + attention, + the online teacher's
+    forward), from which the logger derives MFU against the chip's peak."""
+    t_config = None
+    if teacher is not None:
+        t_config = nnx.merge(*[x for x in teacher if x is not None]).config
+    return FlopCounter.from_models(student_config, seq_len, t_config)
 
 
 def _teacher_width(config: Config, teacher, store) -> int:

@@ -28,8 +28,8 @@ import jax
 from kdjax.losses.reduce import Weighted
 
 __all__ = ["FlopCounter", "JsonlWriter", "MetricWindow", "ProgressBar", "RunLogger",
-           "TensorBoardWriter", "peak_flops_per_device", "plot_curves", "read_jsonl",
-           "training_flops_per_token"]
+           "TensorBoardWriter", "forward_flops_per_token", "peak_flops_per_device",
+           "plot_curves", "read_jsonl", "training_flops_per_token"]
 
 
 class MetricWindow:
@@ -194,21 +194,14 @@ class ProgressBar:
 
 # ----------------------------------------------------------------------- FLOPs / MFU
 
-# Dense bf16 peak FLOP/s per device (vendor figures), matched on `device.device_kind`.
-PEAK_BF16_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-                   "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-                   "TPU v6e": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
-                   "L4": 121e12, "A10G": 70e12}
-
-
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-    """Vendor bf16 dense peak of `device` (default: the first), or None when unknown
-    (CPUs: measure a matmul ceiling instead, as `benchmarks/` does)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if name.lower() in kind.lower():
-            return PEAK_BF16_FLOPS[name]
-    return None
+    """Vendor bf16 dense peak of `device` (default: the first) from the chip table
+    `kdjax.compile.chips`, or None when unknown (CPUs: measure a matmul ceiling instead,
+    as `benchmarks/` does)."""
+    from kdjax.compile.chips import chip_for
+
+    chip = chip_for((device or jax.devices()[0]).device_kind)
+    return None if chip is None else chip.peak_flops
 
 
 def forward_flops_per_token(num_params: int, *, num_layers: int = 0, seq_len: int = 0,
@@ -230,6 +223,14 @@ class FlopCounter:
 
     def __init__(self, student_forward: float, teacher_forward: float = 0.0):
         self.per_token = 3.0 * student_forward + teacher_forward
+
+    @classmethod
+    def from_models(cls, student, seq_len: int, teacher=None) -> FlopCounter:
+        """From `DecoderConfig`s: 6·P + 12·layers·L·d per student token (+ the online
+        teacher's 2·P_t + 4·layers_t·L·d_t), see `kdjax.compile.flops`."""
+        from kdjax.compile.flops import forward_flops_per_token as fwd
+
+        return cls(fwd(student, seq_len), 0.0 if teacher is None else fwd(teacher, seq_len))
 
     def flops_per_s(self, tokens_per_s: float) -> float:
         return self.per_token * tokens_per_s
@@ -304,7 +305,8 @@ class RunLogger:
       logging: a `kdjax.train.config.LoggingConfig` (every, jsonl, tensorboard, plot,
         progress).
       total_steps: the run's last step; start_step: the resumed step (0 for fresh).
-      flops: optional FlopCounter to log achieved FLOP/s and MFU.
+      flops: optional FlopCounter to log achieved FLOP/s and, where the chip's peak is
+        known (kdjax.compile.chips), MFU. tokens/s per device is always logged.
     """
 
     def __init__(self, run_dir: str | os.PathLike, logging, *, total_steps: int,
@@ -340,6 +342,7 @@ class RunLogger:
         values = self.window.read()
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         values["tokens_per_s"] = self._tokens / elapsed
+        values["tokens_per_s_per_device"] = values["tokens_per_s"] / self._devices
         if self.flops is not None:
             values["flops_per_s"] = self.flops.flops_per_s(values["tokens_per_s"])
             mfu = self.flops.mfu(values["tokens_per_s"], self._devices, self._peak)
@@ -373,6 +376,10 @@ class RunLogger:
             if sink is not None:
                 sink.close()
         summary: dict[str, Any] = {"train": self.last, "eval": self.last_eval}
+        if self.flops is not None and not self._peak:
+            summary["mfu"] = (f"not logged: peak FLOP/s of {jax.devices()[0].device_kind!r} "
+                              "unknown (kdjax.compile.chips lists TPU v4/v5e/v5p/v6e, "
+                              "A100/H100/H200)")
         if self.jsonl is not None:
             summary["metrics_jsonl"] = self.jsonl_path
         if self.tb is not None:

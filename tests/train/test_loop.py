@@ -43,3 +43,15 @@ def test_student_from_init_uses_the_configured_dtypes(tmp_path):
     assert model.embed[...].dtype == jnp.float32  # f32 master weights
     out = model(jnp.ones((1, 4), jnp.int32))
     assert out.logits.dtype == jnp.bfloat16  # bf16 compute
+
+
+def test_random_student_is_created_sharded(tmp_path):
+    import jax
+
+    from kdjax.sharding import make_mesh
+
+    mesh = make_mesh(data=1, fsdp=8, devices=jax.devices()[:8])
+    model = build_student(_config(tmp_path), mesh=mesh)
+    sharding = model.embed[...].sharding
+    assert sharding.mesh.shape == mesh.shape and "fsdp" in str(sharding.spec)
+    assert model.embed[...].addressable_shards[0].data.shape == (40, 2)  # embed 16 / 8

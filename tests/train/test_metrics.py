@@ -140,3 +140,23 @@ def test_run_logger_end_to_end_and_resume(tmp_path, capsys):
     steps = [r["step"] for r in M.read_jsonl(tmp_path / "metrics.jsonl")]
     assert steps == [2, 4, 4, 5] and json.loads(
         (tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 1.0
+
+
+def test_logger_reports_per_device_throughput_and_mfu_only_with_a_known_peak(tmp_path):
+    import jax
+
+    cfg = LoggingConfig(every=1, tensorboard=False, plot=False, progress=False)
+    logger = M.RunLogger(tmp_path, cfg, total_steps=1, flops=M.FlopCounter(1e6))
+    logger.log_step(1, {"loss": Weighted(jnp.asarray(1.0), jnp.asarray(1.0))}, tokens=64)
+    summary = logger.close()
+    record = M.read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert record["tokens_per_s_per_device"] == pytest.approx(
+        record["tokens_per_s"] / jax.device_count())
+    assert "mfu" not in record and "unknown" in summary["mfu"]  # CPU: no peak FLOP/s
+    logger = M.RunLogger(tmp_path / "tpu", cfg, total_steps=1, flops=M.FlopCounter(1e6))
+    logger._peak = 459e12  # as on a TPU v5p
+    logger.log_step(1, {"loss": Weighted(jnp.asarray(1.0), jnp.asarray(1.0))}, tokens=64)
+    assert "mfu" not in logger.close()
+    record = M.read_jsonl(tmp_path / "tpu" / "metrics.jsonl")[-1]
+    assert record["mfu"] == pytest.approx(
+        3e6 * record["tokens_per_s"] / (jax.device_count() * 459e12))

@@ -102,8 +102,8 @@ def compiled_train(mode, layout):
 @functools.cache
 def compiled_eval(mode, layout):
     mesh, state, batch, _, teacher, t_arrays = _inputs(mode, layout)
-    manifest = () if teacher else tuple(sorted(MODES[mode].store_manifest))
-    fn = ev._jitted_eval(state.graphdef, mesh, teacher[0] if teacher else None, manifest)
+    manifest = None if teacher else dict(MODES[mode].store_manifest)
+    fn = ev.make_eval_fn(state.graphdef, mesh, teacher=teacher, store_manifest=manifest).jitted
     with jax.set_mesh(mesh):
         return fn.lower(state.params["model"], state.rest, batch, t_arrays).compile()
 

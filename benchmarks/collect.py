@@ -9,7 +9,8 @@ summary table of targets in `results/_summary.md` is kept by hand.
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-AREAS = ("losses", "losses_quick", "model", "loader", "precompute", "train")
+AREAS = ("losses", "losses_quick", "model", "loader", "precompute", "train", "scale",
+         "scan_compile")
 
 
 def main() -> None:

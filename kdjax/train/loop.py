@@ -174,18 +174,23 @@ def train(config: Config, *, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
         stack.enter_context(run.loader)
         stack.enter_context(jax.set_mesh(run.mesh))
         batches = run.loader.iter_from(start)
+        final = {}
         for step in range(start + 1, config.steps + 1):
             state, metrics = run.train_step(state, next(batches))
             logger.log_step(step, metrics, tokens=tokens_per_step)
             _check_finite(metrics, config.optimizer.max_nonfinite, step)
             for hook in hooks:
                 hook(step, state, metrics)
+            final = {}
             if run_eval and config.eval.every and step % config.eval.every == 0:
-                logger.log_eval(step, run_eval(state))
+                with logger.paused():
+                    final = run_eval(state)
+                logger.log_eval(step, final)
             if ckpt.should_save(step) and step < config.steps:
-                ckpt.save(step, state)
-        final = run_eval(state) if run_eval else {}
-        if final:
+                with logger.paused():
+                    ckpt.save(step, state)
+        if run_eval and not final:  # the last step's eval, unless the loop just ran it
+            final = run_eval(state)
             logger.log_eval(config.steps, final)
         if ckpt.latest_step() != config.steps:
             ckpt.save(config.steps, state, wait=True)

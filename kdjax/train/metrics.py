@@ -16,6 +16,7 @@ read, so logging does not stall the step pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -323,7 +324,18 @@ class RunLogger:
         self.last: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._tokens, self._t0, self._step = 0, time.perf_counter(), start_step
+        self._paused = 0.0  # seconds of eval / checkpointing inside the current window
         self._peak, self._devices = peak_flops_per_device(), jax.device_count()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Work inside this block (eval, checkpoint saves) is left out of the step
+        throughput (`tokens_per_s`); `wall_tokens_per_s` still includes it."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t
 
     def log_step(self, step: int, metrics: Mapping[str, Any], *, tokens: int) -> None:
         """Adds one step's metrics (`Weighted` or scalars, device arrays are fine);
@@ -340,8 +352,9 @@ class RunLogger:
         if not self.window:
             return
         values = self.window.read()
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        values["tokens_per_s"] = self._tokens / elapsed
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        values["tokens_per_s"] = self._tokens / max(wall - self._paused, 1e-9)
+        values["wall_tokens_per_s"] = self._tokens / wall
         values["tokens_per_s_per_device"] = values["tokens_per_s"] / self._devices
         if self.flops is not None:
             values["flops_per_s"] = self.flops.flops_per_s(values["tokens_per_s"])
@@ -351,7 +364,7 @@ class RunLogger:
         self._write(step, values, "train")
         self.last = values
         self.bar.update(step, tokens_per_s=values["tokens_per_s"], loss=values.get("loss"))
-        self._tokens, self._t0 = 0, time.perf_counter()
+        self._tokens, self._t0, self._paused = 0, time.perf_counter(), 0.0
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes an eval record now (`Weighted` values are reduced to means)."""

@@ -94,6 +94,14 @@ def test_precompute_train_resume_export_and_transformers_loads(stores, tmp_path)
         assert os.path.exists(summary[key]), key
     resumed = train(config.replace("steps=6"))
     assert resumed["resumed_from"] == 4 and resumed["final_checkpoint_step"] == 6
+    # eval.every=3: one eval record per eval step, the last step's not written twice;
+    # step throughput leaves eval and checkpoint time out, wall throughput keeps it
+    from kdjax.train.metrics import read_jsonl
+
+    records = read_jsonl(resumed["metrics_jsonl"])
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 4, 6]
+    assert all(r["tokens_per_s"] >= r["wall_tokens_per_s"] > 0
+               for r in records if r["split"] == "train")
     from kdjax.cli import main
 
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0

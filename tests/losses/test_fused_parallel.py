@@ -99,3 +99,38 @@ def test_vocab_parallel_errors(data):
         vocab_parallel_distill(data["h"][:47], data["w"], data["t"][:47], **kw)
     with pytest.raises(ValueError, match="not an axis"):
         vocab_parallel_distill(data["h"], data["w"], data["t"], mesh=mesh, vocab_axis="model")
+
+
+def test_sharded_ce_only_and_top1_match_float64(data):
+    """teacher=None (CE only) and with_top1 over data2×fsdp4 with the lm_head gradient
+    reduce-scattered over fsdp: values against float64 NumPy, gradients against the
+    unsharded kernel."""
+    from kdjax.losses import sharded_fused_distill
+    from kdjax.sharding import FSDP
+
+    mesh = make_mesh(data=2, fsdp=4)
+    kw = dict(mesh=mesh, data_axis=(DATA, FSDP), grad_scatter_axis=FSDP)
+    h, w, y, m = (np.asarray(data[k], np.float64) for k in ("h", "w", "y", "m"))
+    z = h @ w
+    logq = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(
+        -1, keepdims=True)
+    ce_ref = -(m * logq[np.arange(N), y.astype(int)]).sum()
+    top_ref = (m * (z.argmax(-1) == np.asarray(data["t"])[:, :V].argmax(-1))).sum()
+
+    def ce(h, w, fn):
+        loss, _ = fn(h, w, None, targets=data["y"], mask=data["m"], ce_weight=1.0)
+        return loss.sum
+
+    sharded = partial(sharded_fused_distill, **kw)
+    value, grads = jax.jit(jax.value_and_grad(partial(ce, fn=sharded), (0, 1)))(
+        data["h"], data["w"])
+    ref_grads = jax.jit(jax.grad(partial(ce, fn=fused_distill), (0, 1)))(data["h"], data["w"])
+    assert_close(value, ce_ref)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, **TOL["grad"])
+    _, metrics = jax.jit(lambda h, w: sharded(h, w, data["t"], targets=data["y"],
+                                              mask=data["m"], with_top1=True))(
+        data["h"], data["w"])
+    assert_close(metrics["top1_agreement"].sum, top_ref)
+    with pytest.raises(ValueError, match="teacher=None"):
+        sharded(data["h"], data["w"], None)

@@ -75,10 +75,12 @@ class Decoder(nnx.Module):
                         param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                               cfg.param_dtype))
 
-    def lm_head(self) -> jax.Array:
-        """`[H, V]` vocabulary projection in the compute dtype (tied: `embedding.T`)."""
+    def lm_head(self, dtype=None) -> jax.Array:
+        """`[H, V]` vocabulary projection (tied: `embedding.T`) in `dtype`, by default the
+        compute dtype. The fused losses take it in the parameter dtype: they cast it for
+        the matmuls themselves and return its gradient unrounded."""
         w = self.embed[...].T if self.unembed is None else self.unembed[...]
-        return w.astype(self.config.dtype)
+        return w.astype(dtype or self.config.dtype)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_logits: bool = True,

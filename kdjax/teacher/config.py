@@ -8,7 +8,7 @@ YAML (`kdjax precompute --config precompute.yaml [key=value ...]`):
     mode: topk                       # sampled | topk | dense
     k: 32                            # topk: ids kept per position
     num_samples: 64                  # sampled: N draws per position
-    num_slots: 32                    # sampled: U distinct (id, count) slots kept
+    num_slots: null                  # sampled: U distinct (id, count) slots; null = N
     temperature: 1.0
     batch_size: 32                   # global rows per teacher forward
     shard_rows: 256                  # rows per shard file (the commit/resume unit)
@@ -60,9 +60,11 @@ class PrecomputeConfig:
     """topk: ids kept per position."""
     num_samples: int = 64
     """sampled: N, draws per position from p = softmax(logits / T)."""
-    num_slots: int = 32
-    """sampled: U, distinct (id, count) slots kept per position; when more ids are drawn,
-    the U largest counts are kept and the overflow is counted in the manifest."""
+    num_slots: int | None = None
+    """sampled: U, distinct (id, count) slots kept per position; null (the default) = N,
+    so no draw is ever dropped and t̂ = counts/N is unbiased. With U < N, a position that
+    draws more than U distinct ids keeps the U largest counts and drops the rest (biased;
+    `kdjax precompute` warns and the manifest counts it)."""
     temperature: float = 1.0
     """T of p = softmax(logits / T) for topk and sampled (dense stores raw logits)."""
     seed: int = 0
@@ -112,6 +114,8 @@ class PrecomputeConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden_layers", tuple(int(h) for h in self.hidden_layers))
         object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
+        if self.num_slots is None:  # U = N: every draw has a slot (unbiased)
+            object.__setattr__(self, "num_slots", self.num_samples)
         check_choice(self.mode, MODES, "mode")
         for name in ("k", "num_samples", "num_slots", "batch_size", "shard_rows",
                      "chunk_rows"):

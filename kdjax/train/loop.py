@@ -77,10 +77,46 @@ def _open_stores(config: Config, vocab_size: int):
         if config.store.mode is not None and store.mode != config.store.mode:
             raise ValueError(f"store.mode={config.store.mode!r} but {config.store.path} holds "
                              f"a {store.mode!r} store; fix store.mode or point to another store")
+        check_store_temperature(store, config.objective, "store.path")
     if config.store.eval_path:
         eval_store = open_teacher_store(config.store.eval_path)
         eval_store.check_compatible(evals, vocab_size=vocab_size)
+        check_store_temperature(eval_store, None, "store.eval_path")
     return train, evals, store, eval_store
+
+
+def check_store_temperature(store, objective, key: str) -> None:
+    """Refuses a top-k or sampled store whose temperature is not the one it is used at.
+
+    Those stores hold the teacher already softened, p = softmax(z / T_store) (top-k
+    log-probs or draws from it), and the kernels use it as the teacher at the objective's
+    T: a store written at T = 2 and trained at T = 1 would silently distil from the wrong
+    distribution (draws cannot be re-tempered). Training needs T_store = objective.
+    temperature, held constant; eval (`objective=None`) reports KL at T = 1, so it needs
+    T_store = 1. Dense stores hold raw logits and are tempered at use.
+    """
+    if store.mode not in ("topk", "sampled"):
+        return
+    t_store = float(store.manifest.get("temperature", 1.0))
+    if objective is None:
+        if t_store != 1.0:
+            raise ValueError(
+                f"{key}: the {store.mode} store {store.path} was written at temperature "
+                f"{t_store}, but eval reports KL(teacher ‖ student) at T = 1; precompute the "
+                "eval store with temperature=1.0")
+        return
+    t_run = float(objective.temperature)
+    if objective.temperature_schedule.kind != "constant":
+        raise ValueError(
+            f"{key}: objective.temperature_schedule={objective.temperature_schedule.kind!r} "
+            f"moves T during training, but the {store.mode} store {store.path} holds the "
+            f"teacher at one temperature ({t_store}); use a constant temperature or a dense "
+            "store / online teacher")
+    if t_store != t_run:
+        raise ValueError(
+            f"{key}: the {store.mode} store {store.path} was written at temperature {t_store} "
+            f"but objective.temperature={t_run}; set objective.temperature={t_store}, or "
+            f"precompute the store again with temperature={t_run}")
 
 
 def _fingerprints(train, store) -> dict[str, str]:

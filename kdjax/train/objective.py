@@ -222,7 +222,7 @@ def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperatu
 
     hidden, mask, targets = _flat(out.hidden), _flat(batch["loss_mask"]), _flat(
         batch["targets"])
-    lm_head = model.lm_head()
+    lm_head = model.lm_head(model.config.param_dtype)  # its f32 gradient reaches the masters
     loss_fn = fused_loss(mesh, lm_head)
     if not obj.kd_active:  # plain language-model training: the CE sweep alone
         w, m = loss_fn(hidden, lm_head, None, targets=targets, mask=mask, ce_weight=1.0,
@@ -233,14 +233,12 @@ def _fused_logit_terms(obj, model, out, t_out, batch, *, alpha, scale, temperatu
         teacher = fused.TeacherHead(_flat(t.hidden), t_head)
     else:
         teacher = _store_teacher(obj, batch)
-    # fused_distill returns D + ce_weight·CE; factor out `scale` so that the total is
-    # α·CE + scale·D. scale > 0 whenever α < 1; the floor only matters at α = 1 exactly.
-    safe = jnp.maximum(scale, 1e-6) if not isinstance(scale, float) else max(scale, 1e-6)
+    # Both weights go into the kernel (not α/scale with the loss scaled back): it rounds
+    # each term's 16-bit gradient on its own, so near α = 1 the KD term is not lost.
     w, m = loss_fn(hidden, lm_head, teacher, targets=targets, mask=mask,
-                   divergence=obj.divergence, temperature=temperature, ce_weight=alpha / safe,
-                   chunk_size=obj.chunk_size, **dict(obj.divergence_kwargs))
-    total = Weighted(safe * w.sum, w.count)
-    return total, {"ce": m["ce"], "kd": m["divergence"]}
+                   divergence=obj.divergence, temperature=temperature, ce_weight=alpha,
+                   kd_weight=scale, chunk_size=obj.chunk_size, **dict(obj.divergence_kwargs))
+    return w, {"ce": m["ce"], "kd": m["divergence"]}
 
 
 def _naive_logit_terms(obj, out, t_out, batch, *, temperature):
@@ -270,19 +268,13 @@ def _naive_store_kd(obj, logits, batch, *, temperature):
     if obj.divergence != "forward_kl":
         raise ValueError(f"the naive path supports only forward_kl with a {mode!r} store, got "
                          f"divergence={obj.divergence!r}; use fused=True or a dense store")
-    logq = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    z = logits.astype(jnp.float32) / temperature
     ids = batch["teacher_ids"].astype(jnp.int32)
-    logq_ids = jnp.take_along_axis(logq, ids, axis=-1)
     if mode == "sampled":
-        n = float(dict(obj.store_manifest)["num_samples"])
-        t_hat = batch["teacher_counts"].astype(jnp.float32) / n
-        live = t_hat > 0
-        log_t = jnp.log(jnp.where(live, t_hat, 1.0))
-        return jnp.sum(jnp.where(live, t_hat * (log_t - logq_ids), 0.0), axis=-1)
+        return losses.sampled_forward_kl(z, ids, batch["teacher_counts"], num_samples=int(
+            dict(obj.store_manifest)["num_samples"]))
     if mode == "topk":
-        logp = batch["teacher_logprobs"].astype(jnp.float32)
-        logp = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)  # renormalize
-        return jnp.sum(jnp.exp(logp) * (logp - logq_ids), axis=-1)
+        return losses.sparse_forward_kl(z, ids, batch["teacher_logprobs"], tail="renormalize")
     raise ValueError(f"unknown teacher store mode {mode!r}; expected dense | topk | sampled")
 
 

@@ -121,6 +121,34 @@ def test_nonfinite_run_stops_with_a_clear_message(stores, tmp_path):
         train(config)
 
 
+
+@pytest.mark.parametrize("over,match", [
+    (dict(objective__temperature=2.0),
+     r"store.path: the sampled store .* written at temperature 1.0 but "
+     r"objective.temperature=2.0; set objective.temperature=1.0"),
+    (dict(objective__temperature_schedule={"kind": "linear", "end": 2.0}),
+     r"temperature_schedule='linear' moves T"),
+])
+def test_store_temperature_must_be_the_objectives(stores, tmp_path, over, match):
+    """A sampled store holds draws at its own T: training at another T is refused before
+    anything is built or written."""
+    run_dir = tmp_path / "t"
+    with pytest.raises(ValueError, match=match):
+        train(_config(stores, run_dir, **over))
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_eval_store_must_be_at_temperature_one(stores, tmp_path):
+    from kdjax.teacher import open_teacher_store
+    from kdjax.train.loop import check_store_temperature
+
+    store = open_teacher_store(stores["eval_store"])
+    check_store_temperature(store, None, "store.eval_path")  # written at T = 1: accepted
+    store.manifest = {**store.manifest, "temperature": 2.0}
+    with pytest.raises(ValueError, match=r"store.eval_path: .* written at temperature 2.0, "
+                       r"but eval reports KL\(teacher ‖ student\) at T = 1"):
+        check_store_temperature(store, None, "store.eval_path")
+
 _DRIVER = textwrap.dedent("""
     import os, signal, sys
     from kdjax.train.config import load_config

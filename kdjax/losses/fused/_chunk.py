@@ -2,8 +2,14 @@
 
 For a chunk of C tokens: raw = h_c @ W (f32 accumulation), z = softcap(raw),
 logq = z/T − logsumexp(z/T). With g = Σ_c w_c ∂D_c/∂logq from `_teacher_terms`, the
-softmax backward gives ∂/∂z = (g − q · Σ_v g_v) / T; the hard-label CE adds
-ce_weight · w · (softmax(z) − onehot(target)). Then dh_c = dz Wᵀ and dW += h_cᵀ dz.
+softmax backward gives ∂/∂z = (g − q · Σ_v g_v) / T, scaled by kd_weight; the hard-label
+CE adds ce_weight · w · (softmax(z) − onehot(target)). Then dh_c = dz Wᵀ and dW += h_cᵀ dz.
+
+With 16-bit inputs the matmuls take dz in 16 bits. When both terms are in the gradient,
+each term is rounded on its own and the two are stacked into one matmul of 2C rows:
+rounding their sum would lose the smaller term whenever it is below the larger one's
+rounding step (at α = 0.999 the KD gradient is 1/1000 of the CE gradient, under bf16's
+2⁻⁹ relative step). This doubles the backward matmul FLOPs of mixed-α 16-bit runs only.
 Every vocabulary reduction goes through `_vocab`, so the same code runs on a
 vocab-sharded chunk inside shard_map.
 """
@@ -45,15 +51,16 @@ class ChunkSpec:
         return 3 if self.with_top1 else 2
 
 
-def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec: ChunkSpec,
+def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, weights, spec: ChunkSpec,
                need_grad: bool):
-    """Loss parts of one chunk and, if `need_grad`, the gradients of Σ w (D + ce_weight·CE).
+    """Loss parts of one chunk and, if `need_grad`, the gradients of
+    Σ w (kd_weight·D + ce_weight·CE).
 
     Args:
       h: `[C, H]` student hidden chunk (f32/bf16). w_mat: `[H, V_local]` lm_head (shard).
       chunk / shared: the teacher's per-token arrays (chunk rows) and shared arrays.
       targets: `[C]` int or None. w: `[C]` f32 token weights (0 = masked or padding).
-      temperature, ce_weight: f32 scalars.
+      temperature: f32 scalar. weights: f32 `[2]`, (kd_weight, ce_weight).
 
     Returns:
       `(parts f32 [spec.num_parts], dh [C, H] f32 | None, dW [H, V_local] f32 | None)`,
@@ -86,18 +93,26 @@ def chunk_loss(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, spec
         parts.append(jnp.sum(jnp.where(live, w * agree, 0.0)))
     if not need_grad:
         return jnp.stack(parts), None, None
-    dz = jnp.zeros_like(z)
+    terms = []  # the gradient of each term with respect to z, [C, V_local] f32
     if g is not None:
         s = _vocab.psum(jnp.sum(g, axis=-1), axis)
-        dz = g - jnp.exp(logq) * s[:, None]
-        if not spec.temperature_is_one:
-            dz = dz / temperature
+        dz_kd = g - jnp.exp(logq) * s[:, None]
+        scale = weights[0] if spec.temperature_is_one else weights[0] / temperature
+        terms.append(scale * dz_kd)
     if spec.with_ce and spec.ce_in_grad:
         soft = jnp.exp(z - lse1[:, None]) - _vocab.one_hot(targets, z.shape[-1], axis)
-        dz = dz + (ce_weight * w)[:, None] * soft
+        terms.append((weights[1] * w)[:, None] * soft)
+    if not terms:
+        terms.append(jnp.zeros_like(z))
     if dcap is not None:
-        dz = dz * dcap
-    dz = dz.astype(h.dtype)  # bf16 inputs: bf16 matmuls with f32 accumulation
+        terms = [t * dcap for t in terms]
+    if len(terms) == 2 and jnp.dtype(h.dtype).itemsize < 4:  # round each term on its own
+        dz, hs = jnp.concatenate(terms).astype(h.dtype), jnp.concatenate([h, h])
+        dh2 = jnp.dot(dz, w_mat.T, preferred_element_type=F32)
+        dh = _vocab.psum(dh2[:h.shape[0]] + dh2[h.shape[0]:], axis)
+        dw = linalg.weight_grad(hs, dz, preferred_element_type=F32)
+        return jnp.stack(parts), dh, dw
+    dz = sum(terms[1:], terms[0]).astype(h.dtype)  # 16-bit inputs: 16-bit matmuls, f32 acc.
     dh = _vocab.psum(jnp.dot(dz, w_mat.T, preferred_element_type=F32), axis)
     dw = linalg.weight_grad(h, dz, preferred_element_type=F32)  # fast form on XLA:CPU
     return jnp.stack(parts), dh, dw

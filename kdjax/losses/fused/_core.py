@@ -6,8 +6,9 @@ and the gradients of `hidden` and `lm_head` in one sweep over the chunks, keepin
 incoming cotangent. The matmuls cost 6·N·H·V FLOPs in all.
 `grad_mode="recompute"`: the forward pass computes only the loss (2·N·H·V) and the
 backward pass sweeps again with gradients (6·N·H·V); residuals are just the inputs.
-Both return the gradient of the loss `Σ w (D + ce_weight·CE)`; the separate D and CE
-sums are returned for logging only (no gradient).
+Both return the gradient of the loss `Σ w (kd_weight·D + ce_weight·CE)`; the separate D
+and CE sums are returned for logging only (no gradient). `weights` is the f32 pair
+`[kd_weight, ce_weight]`.
 """
 
 from __future__ import annotations
@@ -35,28 +36,30 @@ class Plan:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_core(plan: Plan, h, w_mat, chunk, shared, targets, w, temperature, ce_weight):
-    """`(total, parts)`: total = parts[0] + ce_weight·parts[1] (only total has a gradient)."""
-    parts, _, _ = plan.run(plan, h, w_mat, chunk, shared, targets, w, temperature, ce_weight,
+def fused_core(plan: Plan, h, w_mat, chunk, shared, targets, w, temperature, weights):
+    """`(total, parts)`: total = weights[0]·parts[0] + weights[1]·parts[1] (only total has
+    a gradient)."""
+    parts, _, _ = plan.run(plan, h, w_mat, chunk, shared, targets, w, temperature, weights,
                            False)
-    return _total(parts, plan, ce_weight), parts
+    return _total(parts, plan, weights), parts
 
 
-def _total(parts, plan, ce_weight):
+def _total(parts, plan, weights):
+    total = weights[0] * parts[0] if plan.spec.form != "none" else jnp.zeros((), jnp.float32)
     if plan.spec.ce_in_grad:
-        return parts[0] + ce_weight * parts[1]
-    return parts[0]
+        total = total + weights[1] * parts[1]
+    return total
 
 
-def _fwd(plan, h, w_mat, chunk, shared, targets, w, temperature, ce_weight):
-    args = (h, w_mat, chunk, shared, targets, w, temperature, ce_weight)
+def _fwd(plan, h, w_mat, chunk, shared, targets, w, temperature, weights):
+    args = (h, w_mat, chunk, shared, targets, w, temperature, weights)
     if plan.grad_mode == "forward":
         parts, dh, dw = plan.run(plan, *args, True)
         res = (dh, dw, args)
     else:
         parts, _, _ = plan.run(plan, *args, False)
         res = (None, None, args)
-    return (_total(parts, plan, ce_weight), parts), res
+    return (_total(parts, plan, weights), parts), res
 
 
 def _bwd(plan, res, cotangents):

@@ -33,7 +33,7 @@ def auto_chunk_size(n: int, hidden: int, vocab: int) -> int:
     return int(max(1, min(c, n)))
 
 
-def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
+def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, weights, *,
                spec: ChunkSpec, chunk_size: int, need_grad: bool):
     """Σ over chunks of `chunk_loss`.
 
@@ -45,6 +45,7 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
       `(parts [2] f32, dh [N, H] (h.dtype) | None, dW [H, V_local] f32 | None)`.
     """
     n, hdim = h.shape
+    w_mat = w_mat.astype(h.dtype)  # matmuls in the compute dtype; the caller's dW stays f32
     c = min(chunk_size, n)
     n_chunks = -(-n // c)
     # On XLA:CPU, 16-bit floats enter the loop as their bits: its float normalization
@@ -65,7 +66,7 @@ def run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight, *,
             lax.dynamic_slice_in_dim(x, start, c), dt), rows, dtypes)
         fresh = start + jnp.arange(c) >= i * c
         wc = jnp.where(fresh, lax.dynamic_slice_in_dim(w, start, c), 0.0)
-        p, dh_c, dw_c = chunk_loss(hc, w_mat, tc, shared, yc, wc, temperature, ce_weight,
+        p, dh_c, dw_c = chunk_loss(hc, w_mat, tc, shared, yc, wc, temperature, weights,
                                    spec, need_grad)
         if need_grad:  # weight-0 rows have exactly zero gradient, so adding is safe
             dw = dw + dw_c

@@ -22,15 +22,15 @@ GRAD_MODES = ("forward", "recompute")
 class LocalRun:
     """Sweep all chunks on the current device (or inside a caller's shard_map)."""
 
-    def __call__(self, plan, h, w_mat, chunk, shared, targets, w, temperature, ce_weight,
+    def __call__(self, plan, h, w_mat, chunk, shared, targets, w, temperature, weights,
                  need_grad):
-        return run_chunks(h, w_mat, chunk, shared, targets, w, temperature, ce_weight,
+        return run_chunks(h, w_mat, chunk, shared, targets, w, temperature, weights,
                           spec=plan.spec, chunk_size=plan.chunk_size, need_grad=need_grad)
 
 
 def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
-                  divergence="forward_kl", temperature=1.0, ce_weight=0.0, chunk_size=None,
-                  logit_softcap=None, with_top1=False, **divergence_kwargs):
+                  divergence="forward_kl", temperature=1.0, ce_weight=0.0, kd_weight=1.0,
+                  chunk_size=None, logit_softcap=None, with_top1=False, **divergence_kwargs):
     """Distillation loss from the student's hidden states, without `[N, V]` logits.
 
     Computes, chunk by chunk over tokens, z = softcap(hidden @ lm_head), the divergence
@@ -43,6 +43,8 @@ def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
     Args:
       hidden: `[..., H]` f32/bf16 student final hidden states (leading axes = tokens, N).
       lm_head: `[H, V]` student output projection (an embedding table is its transpose).
+        The matmuls run in hidden's dtype; the lm_head gradient accumulates in f32 and is
+        returned in lm_head's dtype, so pass the f32 master weights to get it unrounded.
       teacher: dense logits `[..., V_t]` (V_t ≥ V: columns ≥ V are masked out of the
         teacher softmax) | `SparseTeacher` | `SampledTeacher` | `TeacherHead` | None (no
         teacher: only the hard-label CE, D = 0; needs targets). The teacher gets no
@@ -52,8 +54,11 @@ def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
       divergence: a name from `kdjax.losses.DIVERGENCES`. Sparse and sampled teachers
         support "forward_kl" (sparse_forward_kl / sampled_forward_kl) only.
       temperature: T > 0 for both distributions. No T² factor (the objective applies it;
-        for T²·D + w·CE pass ce_weight=w/T² and scale the loss by T²).
+        for T²·D + w·CE pass kd_weight=T², ce_weight=w).
       ce_weight: weight of the hard-label CE in the loss.
+      kd_weight: weight of the divergence in the loss. Give both weights here rather than
+        scaling the loss afterwards: with 16-bit inputs each term's gradient is rounded on
+        its own, so a small weight on one term does not lose it in the other's rounding.
       chunk_size: tokens per chunk (a positive int), or None for `auto_chunk_size(N,H,V)`.
       logit_softcap: optional cap c > 0: z = c·tanh(logits/c) (Gemma 2).
       with_top1: also return metrics["top1_agreement"] = Weighted(Σ w·[argmax z = the
@@ -62,20 +67,21 @@ def fused_distill(hidden, lm_head, teacher, *, targets=None, mask=None,
       **divergence_kwargs: the divergence's arguments (beta, alpha, mu, …).
 
     Returns:
-      `(loss, metrics)`: loss = Weighted(Σ w·(D + ce_weight·CE), Σ w), differentiable in
+      `(loss, metrics)`: loss = Weighted(Σ w·(kd_weight·D + ce_weight·CE), Σ w),
+      differentiable in
       hidden and lm_head; metrics = {"divergence": Weighted(Σ w·D, Σ w), "ce":
       Weighted(Σ w·CE, Σ w or 0 without targets)} for logging (no gradient), plus
       "top1_agreement" when asked.
     """
     return fused_distill_impl(hidden, lm_head, teacher, targets=targets, mask=mask,
                               divergence=divergence, temperature=temperature,
-                              ce_weight=ce_weight, chunk_size=chunk_size,
+                              ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=chunk_size,
                               logit_softcap=logit_softcap, with_top1=with_top1,
                               **divergence_kwargs)
 
 
 def prepare(hidden, lm_head, teacher, *, targets, mask, divergence, temperature, ce_weight,
-            chunk_size, logit_softcap, with_top1, divergence_kwargs, vocab_axis=None,
+            kd_weight, chunk_size, logit_softcap, with_top1, divergence_kwargs, vocab_axis=None,
             vocab=None):
     """Validated, flattened operands and the static ChunkSpec (shared with `parallel`)."""
     n, hdim, v_local = _args.check_student(hidden, lm_head)
@@ -105,7 +111,7 @@ def prepare(hidden, lm_head, teacher, *, targets, mask, divergence, temperature,
     c = chunk_size or auto_chunk_size(n, hdim, vocab)
     ops = (hidden.reshape(n, hdim), lm_head, chunk, shared, targets,
            _args.weights(mask, lead, n), jnp.asarray(temperature, F32),
-           jnp.asarray(ce_weight, F32))
+           jnp.stack([jnp.asarray(kd_weight, F32), jnp.asarray(ce_weight, F32)]))
     return spec, c, ops
 
 
@@ -115,7 +121,8 @@ def fused_distill_impl(hidden, lm_head, teacher, *, grad_mode="forward", run=Non
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
     kw = dict(targets=None, mask=None, divergence="forward_kl", temperature=1.0,
-              ce_weight=0.0, chunk_size=None, logit_softcap=None, with_top1=False)
+              ce_weight=0.0, kd_weight=1.0, chunk_size=None, logit_softcap=None,
+              with_top1=False)
     kw.update({k: kwargs.pop(k) for k in list(kw) if k in kwargs})
     spec, c, ops = prepare(hidden, lm_head, teacher, divergence_kwargs=kwargs,
                            vocab_axis=vocab_axis, **kw)

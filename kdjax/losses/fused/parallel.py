@@ -49,7 +49,7 @@ class MeshRun:
     vocab_axis: str | None = None
     grad_scatter_axis: str | None = None
 
-    def __call__(self, plan, h, w_mat, chunk, shared, targets, w, temperature, ce_weight,
+    def __call__(self, plan, h, w_mat, chunk, shared, targets, w, temperature, weights,
                  need_grad):
         d, v, scatter = self.data_axis, self.vocab_axis, self.grad_scatter_axis
         chunk_specs = {"dense": (P(d, v),), "head": (P(d, None),), "none": ()}.get(
@@ -58,9 +58,9 @@ class MeshRun:
         has_targets = targets is not None
         reduce_axes = tuple(a for a in axis_names(d) if a != scatter)
 
-        def body(h, w_mat, chunk, shared, w, temperature, ce_weight, *maybe_targets):
+        def body(h, w_mat, chunk, shared, w, temperature, weights, *maybe_targets):
             y = maybe_targets[0] if has_targets else None
-            parts, dh, dw = run_chunks(h, w_mat, chunk, shared, y, w, temperature, ce_weight,
+            parts, dh, dw = run_chunks(h, w_mat, chunk, shared, y, w, temperature, weights,
                                        spec=plan.spec, chunk_size=plan.chunk_size,
                                        need_grad=need_grad)
             if d is not None:
@@ -73,7 +73,8 @@ class MeshRun:
             return (parts, dh, dw) if need_grad else parts
 
         in_specs = (P(d, None), P(None, v), chunk_specs, shared_specs, P(d), P(), P())
-        args = (h, w_mat, chunk, shared, w, temperature, ce_weight)
+        # Cast before shard_map: an f32 lm_head is gathered in the compute dtype.
+        args = (h, w_mat.astype(h.dtype), chunk, shared, w, temperature, weights)
         if has_targets:
             in_specs, args = (*in_specs, P(d)), (*args, targets)
         out_specs = (P(), P(d, None), P(scatter, v)) if need_grad else P()
@@ -121,7 +122,7 @@ def sharded_fused_distill(hidden, lm_head, teacher, *, mesh: Mesh, data_axis: Ax
 
     Args:
       hidden, lm_head, teacher (any form, or None for CE only), and every keyword of
-        `fused_distill` (targets, mask, divergence, temperature, ce_weight,
+        `fused_distill` (targets, mask, divergence, temperature, weights,
         logit_softcap, with_top1, divergence arguments).
       mesh: the device mesh; axis names come from the caller (e.g. `kdjax.sharding`).
       data_axis: mesh axis (or tuple of axes) that splits the tokens (the flattened

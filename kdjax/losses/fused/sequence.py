@@ -73,7 +73,8 @@ def token_logprobs(cfg: _Cfg, h, w_mat, targets):
         return out
 
     d, v = cfg.data_axis, cfg.vocab_axis
-    return cfg.sharded(local, (P(d, None), P(None, v), P(d)), P(d))(h, w_mat, targets)
+    return cfg.sharded(local, (P(d, None), P(None, v), P(d)), P(d))(
+        h, w_mat.astype(h.dtype), targets)
 
 
 def _fwd(cfg, h, w_mat, targets):
@@ -88,13 +89,14 @@ def _bwd(cfg, res, g):
                      ce_in_grad=True, temperature_is_one=True, vocab_axis=v)
 
     def local(h, w_mat, targets, w):
-        one = jnp.ones((), F32)
-        _, dh, dw = run_chunks(h, w_mat, (), (), targets, w, one, one, spec=spec,
+        one, weights = jnp.ones((), F32), jnp.array([0.0, 1.0], F32)
+        _, dh, dw = run_chunks(h, w_mat, (), (), targets, w, one, weights, spec=spec,
                                chunk_size=cfg.chunk_size, need_grad=True)
         return dh, (dw if d is None else lax.psum(dw, axis_names(d)))
 
     dh, dw = cfg.sharded(local, (P(d, None), P(None, v), P(d), P(d)),
-                         (P(d, None), P(None, v)))(h, w_mat, targets, -g.astype(F32))
+                         (P(d, None), P(None, v)))(h, w_mat.astype(h.dtype), targets,
+                                                   -g.astype(F32))
     return dh.astype(h.dtype), dw.astype(w_mat.dtype), None
 
 

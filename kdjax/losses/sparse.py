@@ -135,6 +135,9 @@ def sampled_forward_kl_gathered(student_logits_at_ids: Array, student_lse: Array
                                 counts: Array, *, num_samples: int) -> Array:
     """`sampled_forward_kl` from gathered student logits (the fused kernels' entry point).
 
+    Same value, and the same unbiasedness condition (counts summing to N, i.e. no draw
+    dropped), as `sampled_forward_kl`: t̂ = counts / N is never renormalized.
+
     Args:
       student_logits_at_ids: `[..., U]` f32 student logits at the sampled ids.
       student_lse: `[...]` f32 full-vocabulary logsumexp of the student logits.
@@ -156,8 +159,22 @@ def sampled_forward_kl(student_logits: Array, ids: Array, counts: Array, *,
     """Forward KL to the empirical teacher of N sampled tokens (random-sampling KD).
 
     t̂ = counts / N;  Σ_slots t̂ (log t̂ − log q_ids), slots with count 0 ignored, where
-    q = softmax(student_logits). Its gradient in the student logits, q − t̂ (when the
-    counts sum to N), is an unbiased estimate of the full forward-KL gradient q − p.
+    q = softmax(student_logits).
+
+    Unbiased gradient when no draw can be dropped, so the counts are all N draws (a
+    store written with num_slots = U >= N, the default U = N, guarantees it): then
+    counts ~ Multinomial(N, p) for the store's teacher p, so E[t̂] = p.
+    The value is −H(t̂) − Σ_v t̂_v log q_v; the entropy term has no student gradient and
+    the cross-entropy term is linear in t̂, so E[∇ loss] = −Σ_v p_v ∇ log q_v, the
+    gradient of forward KL(p‖q) (in the logits: q − t̂, mean q − p). The value is not
+    unbiased: E[loss] = KL(p‖q) + H(p) − E[H(t̂)], a student-independent offset ≥ 0.
+
+    Biased when draws were dropped (U < N and more than U distinct ids drawn: the U
+    largest counts kept): Σ t̂ = 1 − d with d = dropped / N, the logit gradient is
+    (1 − d)·q − t̂, E[t̂_v] ≤ p_v with the shortfall on rare ids, so the student is pulled
+    towards the head (and, among equal counts, the smaller ids; kdjax.teacher.signal);
+    the expected gradient error has L1 norm ≤ 2·E[d], and a teacher
+    store reports the mean of d as `stats.dropped_sample_rate` in its manifest.
 
     Args:
       student_logits: `[..., V]` float student logits (T = 1).

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from kdjax.storage.arrays import describe_error
 from kdjax.storage.ledger import ShardLedger
+from kdjax.teacher.progress import overflow_warning
 from kdjax.teacher.store import disk_bytes, open_teacher_store, signal_bytes_per_token
 
 
@@ -111,7 +112,10 @@ def report_lines(r: dict) -> list[str]:
     if "sample_fraction_kept" in r:
         out.append(f"  draws kept (not lost to overflow) {r['sample_fraction_kept']:.4f}")
     if (stats := m.get("stats")) and mode == "sampled":
-        out.append(f"  overflow rate {stats['overflow_rate']:.4%} of positions")
+        out.append(f"  overflow rate {stats['overflow_rate']:.4%} of positions, "
+                   f"{stats.get('dropped_sample_rate', 0.0):.4%} of draws dropped")
+        if warning := overflow_warning(m):
+            out.append(f"  WARNING: {warning}")
     if r["problems"]:
         out.append(f"  CORRUPT: {len(r['problems'])} unreadable chunk(s):")
         out += [f"    {p}" for p in r["problems"]]

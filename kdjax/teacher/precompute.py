@@ -11,6 +11,7 @@ shard, so a redone shard — or a run with another process count — is bit-iden
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from kdjax.storage.rowstore import RowStoreWriter
 from kdjax.teacher import signal as _signal
 from kdjax.teacher import store as _store
 from kdjax.teacher.config import PrecomputeConfig
-from kdjax.teacher.progress import Progress, summary_lines
+from kdjax.teacher.progress import Progress, overflow_warning, summary_lines
 from kdjax.teacher.step import build_step, normalize_layers, shard_stats, total_stats
 from kdjax.teacher.writer import BackgroundWriter, ShardAssembler
 from kdjax.train import _schema
@@ -141,7 +142,11 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
     Returns:
       dict: `manifest` (final), `rows`/`tokens` computed by this process, `shards` redone,
       `seconds`, `tokens_per_s` (including compilation), `steady_tokens_per_s` (after the
-      first step), `write_seconds` (background writer busy time), `path`.
+      first step), `write_seconds` (background writer busy time), `path`, and
+      `overflow_warning`: None, or (sampled, U < N) why the store's signal is biased:
+      some draws were dropped for lack of slots. That text is also printed to stderr as
+      `kdjax precompute: warning: …` by the primary process, even with progress off;
+      the manifest's `stats` hold the counts (`overflow_rate`, `dropped_sample_rate`).
     """
     if model is None:
         _schema.check_dir(config.teacher, "teacher", what="teacher directory",
@@ -199,6 +204,10 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
                                       / max(timing["steady_seconds"], 1e-9))
     if config.progress and distributed.is_primary():
         print("\n".join(summary_lines(summary)))
+    summary["overflow_warning"] = warning = overflow_warning(manifest)
+    if warning and distributed.is_primary():
+        # not a progress message: said even with progress=False (the signal is biased)
+        print(f"kdjax precompute: warning: {warning}", file=sys.stderr, flush=True)
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Progress bar and end-of-run summary of `kdjax precompute`."""
+"""Progress bar, end-of-run summary and overflow warning of `kdjax precompute`."""
 
 from __future__ import annotations
 
@@ -57,3 +57,31 @@ def summary_lines(summary: dict) -> list[str]:
                      f"U={m['num_slots']} ids; {stats['dropped_sample_rate']:.4%} of draws "
                      "dropped")
     return lines
+
+
+def _percent(x: float) -> str:
+    """2 decimals, or 2 significant digits below 0.01% (a small rate is not shown as 0)."""
+    return f"{x:.2%}" if x >= 1e-4 else f"{x * 100:.2g}%"
+
+
+def overflow_warning(manifest: dict) -> str | None:
+    """Why a sampled store's signal is biased, or None when it is not (every draw kept).
+
+    A position that drew more than U distinct ids keeps the U largest counts and drops
+    the other draws, so t̂ = counts/N is no longer an unbiased estimate of the teacher:
+    it is short on the rare ids, which pulls the student towards the head (see
+    `kdjax.teacher.signal`). The text names the fraction of draws dropped, N, U and the
+    fix; `kdjax precompute` prints it at the end of every run whose store has dropped
+    draws, with or without the progress output, and `kdjax inspect` repeats it.
+    """
+    stats = manifest.get("stats") or {}
+    if manifest.get("mode") != "sampled" or not stats.get("dropped_samples"):
+        return None
+    n, u = manifest["num_samples"], manifest["num_slots"]
+    return (f"{_percent(stats['dropped_sample_rate'])} of the sampled draws were dropped "
+            f"({stats['dropped_samples']:,} draws; {_percent(stats['overflow_rate'])} of "
+            f"positions drew more than U={u} distinct ids of their N={n} draws and kept only "
+            f"the U largest counts), so the sampled teacher counts/N is biased towards the "
+            f"head of the teacher's distribution, not an unbiased estimate of it. To keep "
+            f"every draw, set num_slots=null (U = N, the default) or num_slots={n} and rerun "
+            "`kdjax precompute` with --overwrite.")

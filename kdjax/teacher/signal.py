@@ -4,10 +4,32 @@ Three modes (see DESIGN.md, "Teacher-signal store"):
 
 - `sampled`: random-sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling:
   Accelerating Knowledge Distillation in LLMs"). N tokens are drawn i.i.d. per position
-  from p = softmax(logits / T) and kept as the distinct ids with their counts in U slots.
-  E[counts / N] = p exactly, so the sampled forward KL has an unbiased gradient. If a
-  position draws more than U distinct ids, the U largest counts are kept (ties: smaller
-  id) and the dropped draws are reported, never silently lost.
+  from p = softmax(logits / T) and kept as the distinct ids with their counts in U slots;
+  the student learns from t̂ = counts / N (`kdjax.losses.sampled_forward_kl`).
+
+  Unbiased when no draw can be dropped, which U >= N guarantees (N draws hold at
+  most N distinct ids; `PrecomputeConfig.num_slots` defaults to U = N). Proof: the
+  counts are then the full draw, counts ~ Multinomial(N, p), so E[t̂_v] = p_v for every
+  id v. The loss Σ_v t̂_v (log t̂_v − log q_v) = −H(t̂) − Σ_v t̂_v log q_v: the entropy
+  term has no student gradient and the cross-entropy term is linear in t̂, so for a
+  student q_θ that does not depend on the draw, E[∇_θ loss] = −Σ_v p_v ∇_θ log q_v =
+  ∇_θ KL(p‖q_θ) (in the student logits z: ∇_z loss = q − t̂, mean q − p). The loss
+  value itself is not unbiased: E[loss] = KL(p‖q) + H(p) − E[H(t̂)] ≥ KL(p‖q), an
+  offset that does not depend on the student. (p is the f32 teacher distribution; the
+  draws follow it up to the f32 rounding of the sampling CDF, see `draw`.)
+
+  Biased when U < N and a position draws more than U distinct ids: the U largest counts
+  are kept (ties: smaller id) and the other draws dropped, so t̂_v = 0 on the dropped
+  ids and Σ_v t̂_v = 1 − d with d = dropped / N. Then E[t̂_v] ≤ p_v for every id, short
+  on the rare ids that get dropped, and the expected loss of a free student is minimal
+  at q* = E[t̂] / E[Σ t̂], which gives the head (ids rarely dropped) more mass than p
+  (about p_v / (1 − E[d])): the bias is towards the head, and among equal counts towards
+  smaller token ids (a flat teacher, most ids drawn once: with V = 50, N = 16, U = 4,
+  q* gives ids 0–4 2.3x their mass; tests/teacher/test_sampled_unbiased.py). The
+  expected logit gradient is off by (p − E[t̂]) − E[d]·q, of L1 norm ≤ 2·E[d]. The
+  dropped draws are never lost silently: `dropped` per position, `overflow_rate` and
+  `dropped_sample_rate` (the mean of d) in the store's manifest, and `kdjax precompute`
+  warns when any draw was dropped.
 - `topk`: the K most likely ids of log p (`lax.top_k`) with their log-probabilities and
   the tail mass 1 − Σ_topk p (computed from the tail itself, not by cancellation).
 - `dense`: the logits as they are (debugging and small vocabularies).
@@ -141,6 +163,11 @@ def _draw(x: Array, u: Array, block: int) -> tuple[Array, Array, Array]:
 def compact(draws: Array, num_slots: int) -> tuple[Array, Array, Array]:
     """Distinct ids and their counts, the U largest counts kept.
 
+    With U >= N nothing is ever dropped (counts sum to N): counts/N is then an unbiased
+    estimate of the distribution the draws came from. With U < N a position with more
+    than U distinct ids loses the draws of its smallest counts, which biases counts/N
+    towards the head (module docstring); `N − counts.sum(-1)` is the number dropped.
+
     Args:
       draws: [..., N] int ids.
       num_slots: U, the number of (id, count) slots kept per position.
@@ -170,9 +197,17 @@ def sampled_signal(logits: Array, keys: Array, *, num_samples: int, num_slots: i
                    temperature: float = 1.0) -> dict[str, Array]:
     """Random-sampling KD signal for a batch of rows.
 
+    t̂ = counts / N is an unbiased estimate of p = softmax(logits / T), and the sampled
+    forward KL's student gradient one of the forward-KL gradient, when no draw can be
+    dropped, which `num_slots >= num_samples` guarantees; with fewer slots, where more
+    than U distinct ids can be drawn, both are biased towards the head (`dropped` counts
+    the draws lost; see the module docstring).
+
     Args:
       logits: [B, L, V] teacher logits.
       keys: [B] PRNG keys, one per row (`row_keys`).
+      num_samples: N, i.i.d. draws per position.
+      num_slots: U, (id, count) slots kept per position; U = N keeps every draw.
     Returns:
       ids [B, L, U] (smallest uint for V), counts [B, L, U] (smallest uint for N),
       distinct [B, L] int32, dropped [B, L] int32 (draws lost to the U limit),
@@ -183,7 +218,8 @@ def sampled_signal(logits: Array, keys: Array, *, num_samples: int, num_slots: i
 
 
 def _sampled(x: Array, u: Array, num_slots: int) -> dict[str, Array]:
-    """`sampled_signal` of scaled logits x [..., V] at uniforms u [..., N]."""
+    """`sampled_signal` of scaled logits x [..., V] at uniforms u [..., N] (unbiased when
+    no draw can be dropped: `num_slots` >= N guarantees it)."""
     v, n = x.shape[-1], u.shape[-1]
     draws, m, total = _draw(x, u, BLOCK)
     ids, counts, distinct = compact(draws, num_slots)

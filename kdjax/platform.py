@@ -120,9 +120,9 @@ def fused_chunk_bytes() -> int:
 
 
 def precompute_chunk_tokens() -> int:
-    """Positions per device whose teacher logits are reduced to the signal at once: on 2
-    CPU cores 256 keeps a `[chunk, 32k]` f32 block near L3 without re-packing the LM head
-    too often; accelerators prefer larger blocks."""
+    """Positions per device whose teacher logits are reduced to the signal at once: on CPU
+    a `[256, 32k]` f32 block stays near the L3 cache without re-packing the LM head too
+    often (benchmarks/results/precompute.md); accelerators prefer larger blocks."""
     return 256 if is_cpu() else 1024
 
 

@@ -22,8 +22,9 @@ def id_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype for token ids of a vocabulary of `vocab_size`.
 
     Ids lie in [0, vocab_size); the dtype's maximum value is kept free (never a valid
-    id) so it can mark empty slots. Hence V <= 255 → uint8, V <= 65,535 → uint16,
-    larger vocabularies (e.g. 128k, 152k) → uint32.
+    id). Empty sampled slots are not marked by the id but by count 0 (with id 0).
+    Hence V <= 255 → uint8, V <= 65,535 → uint16, larger vocabularies (e.g. 128k, 152k)
+    → uint32.
     """
     vocab_size = int(vocab_size)
     if vocab_size < 1:

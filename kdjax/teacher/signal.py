@@ -310,8 +310,9 @@ def chunked_signal(hidden: Array, lm_head: Array, mode: str, *, keys: Array | No
         the logits are its product with `hidden` accumulated into f32 (never rounded to a
         bf16 teacher's compute dtype).
       mode: "sampled" (needs keys [B], num_samples, num_slots) or "topk" (needs k).
-      chunk_len: positions per chunk (per row); the step uses 256 tokens per device
-        (`kdjax.teacher.step.CHUNK_TOKENS`), a [256, 32k] f32 block of logits (32 MB).
+      chunk_len: positions per chunk (per row); the step uses
+        `kdjax.platform.precompute_chunk_tokens()` tokens per device (256 on CPU: a
+        [256, 32k] f32 block of logits is 32 MB).
     Returns:
       the dict of `sampled_signal` / `topk_signal`.
     """

@@ -12,15 +12,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kdjax import platform
 from kdjax.models.decoder import normalize_indices
 from kdjax.teacher import signal
 from kdjax.teacher.config import PrecomputeConfig
-
-# Positions (per device) whose logits are computed and reduced to the signal at once. On 2
-# CPU cores (benchmarks/results/precompute.md) 128 tokens keep a [chunk, 32k] f32 block in
-# L3 but re-pack the LM head per chunk too often (a 1024-wide teacher lost ~10%); 512 spill
-# the block; 256 was best for both benchmarked teachers.
-CHUNK_TOKENS = 256
 
 
 def normalize_layers(layers, num_layers: int) -> tuple[int, ...]:
@@ -31,7 +26,7 @@ def normalize_layers(layers, num_layers: int) -> tuple[int, ...]:
 
 
 def build_step(model, config: PrecomputeConfig, batch_sharding: NamedSharding,
-               hidden_layers: tuple[int, ...], chunk_tokens: int = CHUNK_TOKENS):
+               hidden_layers: tuple[int, ...], chunk_tokens: int | None = None):
     """Returns `(step, state)`: `step(state, tokens, segment_ids, positions, rows)` → dict.
 
     Inputs are `[B, L]` int32 (rows `[B]` int32, the token-store row of each batch row,
@@ -42,8 +37,10 @@ def build_step(model, config: PrecomputeConfig, batch_sharding: NamedSharding,
     the jitted step is cached on (graph, signal settings, sharding), so a rerun in the
     same process (resume, benchmark repeats) does not compile again. Sampled and top-k
     logits are computed `chunk_tokens` positions per device at a time (never all `[B, L,
-    V]` at once); dense mode stores the logits, so it computes them whole.
+    V]` at once; None: `kdjax.platform.precompute_chunk_tokens()`); dense mode stores the
+    logits, so it computes them whole.
     """
+    chunk_tokens = chunk_tokens or platform.precompute_chunk_tokens()
     graphdef, state = nnx.split(model)
     key = (config.mode, config.k, config.num_samples, config.num_slots,
            float(config.temperature), int(config.seed), config.dense_dtype,

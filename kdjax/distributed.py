@@ -88,26 +88,25 @@ def _backend_started() -> bool:
 def process_count() -> int:
     """Processes in the job. Starts no backend when jax.distributed is not initialized
     and none runs yet: such a process is alone."""
-    state = _service()
-    if state.client is not None:
-        return int(state.num_processes)
-    if not _backend_started():
-        return 1
-    import jax
-
-    return jax.process_count()
+    return _process_info("num_processes", "process_count", alone=1)
 
 
 def process_index() -> int:
     """This process's index (0 = the primary), without starting a backend (see above)."""
+    return _process_info("process_id", "process_index", alone=0)
+
+
+def _process_info(service_field: str, jax_fn: str, *, alone: int) -> int:
+    """From the distributed service when initialized, else from a running backend, else
+    `alone` (no backend is started just to ask)."""
     state = _service()
     if state.client is not None:
-        return int(state.process_id)
+        return int(getattr(state, service_field))
     if not _backend_started():
-        return 0
+        return alone
     import jax
 
-    return jax.process_index()
+    return int(getattr(jax, jax_fn)())
 
 
 def is_primary() -> bool:

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from kdjax.cli import build_parser, main
+from kdjax.schema import format_value, settings
 from kdjax.teacher.config import PrecomputeConfig
-from kdjax.train._docs import format_value, settings
 from kdjax.train.config import Config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", help="teacher directory of the precompute step (default: "
                    "teacher.path); also sizes a synthetic teacher store")
     p.add_argument("--precompute", action="append", default=[], metavar="KEY=VALUE",
-                   help="precompute setting (repeatable), e.g. num_samples=64 num_slots=32 "
+                   help="precompute setting (repeatable), e.g. num_samples=64 "
                    "k=32 batch_size=256 mesh=[1,-1,1] dtype=bfloat16")
     p.add_argument("--hbm-gib", type=float, help="per-device memory limit in GiB (default: "
                    "the chip's HBM; none for CPU devices)")
@@ -85,6 +85,7 @@ def compile_config(config_path: str, overrides=(), *, topology: str | None = Non
     from kdjax.train.config import load_config
 
     config = load_config(config_path, list(overrides))
+    config.check_checkpoints()  # the local model directories, as `kdjax train` checks them
     devs = _devices(topology, devices)
     chip = chips.chip_of(devs[0]) if devs[0].platform != "cpu" else None
     limit = int(hbm_gib * 2**30) if hbm_gib else (chip.hbm_bytes if chip else None)

@@ -16,9 +16,9 @@ from kdjax.compile.steps import Plan
 
 def precompute_config(config, overrides: Sequence[str] = (), teacher: str | None = None):
     """The `PrecomputeConfig` the precompute step (and a synthetic store) is built from:
-    the run's store mode, global batch and hidden layers, then `key=value` overrides."""
-    import yaml
-
+    the run's store mode, global batch and hidden layers, then `key=value` overrides
+    (read as `kdjax precompute` reads its own)."""
+    from kdjax import schema
     from kdjax.teacher.config import PrecomputeConfig
 
     values = {"batch_size": config.global_batch_size}
@@ -29,13 +29,7 @@ def precompute_config(config, overrides: Sequence[str] = (), teacher: str | None
         values["hidden_layers"] = sorted({int(t) for t in hidden.layer_map.values()})
     if teacher:
         values["teacher"] = teacher
-    for item in overrides:  # YAML values, as `kdjax precompute key=value` parses them
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--precompute {item!r} must look like key=value, e.g. "
-                             "num_samples=64")
-        values[key.strip()] = yaml.safe_load(raw)
-    return PrecomputeConfig.from_dict(values)
+    return schema.load(PrecomputeConfig, None, overrides, base=values)
 
 
 def student_config(config):

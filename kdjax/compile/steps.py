@@ -82,15 +82,12 @@ def _replicated(mesh):
 
 def train_step(plan: Plan) -> Lowered:
     """The jitted step of `make_train_step`, exactly as `kdjax.train.loop.setup` builds it."""
-    from kdjax.train.loop import optimizer_spec
-    from kdjax.train.objective import objective_from_config
     from kdjax.train.state import TrainState, opt_state_shardings
     from kdjax.train.step import make_train_step
 
     config, mesh, student, teacher = plan.config, plan.mesh, plan.student, plan.teacher
-    objective = objective_from_config(config, plan.manifest)
-    spec = optimizer_spec(config)
-    tx = spec.build()
+    objective = config.objective.build(config.teacher_source, config.steps, plan.manifest)
+    tx = config.optimizer.build(config.steps)
     width = (teacher.config.hidden_size if teacher else (plan.manifest or {}).get(
         "hidden_size") or 0)
     proj = objective.projection_shapes(student.config.hidden_size, int(width))
@@ -112,7 +109,8 @@ def train_step(plan: Plan) -> Lowered:
     t = (teacher.graphdef, teacher.params, teacher.rest) if teacher else None
     step = make_train_step(objective, tx, state=state, mesh=mesh,
                            batch_sharding=ab.batch_sharding(mesh),
-                           micro_batches=config.micro_batches, lr_schedule=spec.schedule(),
+                           micro_batches=config.micro_batches,
+                           lr_schedule=config.optimizer.schedule(config.steps),
                            teacher=t)
     t_args = (t[1], t[2]) if t else (None, None)
     lowered = _lower(mesh, step.jitted, state, batch, t_args)

@@ -1,32 +1,42 @@
 """kdjax.models: Flax NNX decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), Hugging Face
-checkpoint import/export, tokenizers and a KV-cache sampler."""
+checkpoint import/export, tokenizers and a KV-cache sampler.
 
-from .config import DecoderConfig
-from .decoder import (
-    Decoder,
-    DecoderOutput,
-    init_decoder,
-    positions_from_segments,
-    weight_decay_mask,
-    with_config,
-)
-from .hf import from_pretrained, save_pretrained
-from .sampler import GenerateOutput, generate, init_cache
-from .tokenizer import load_tokenizer, train_bpe_tokenizer
+Names are imported on first use (PEP 562), so `from kdjax.models.config import
+DecoderConfig` (config parsing) imports no JAX.
+"""
 
-__all__ = [
-    "Decoder",
-    "DecoderConfig",
-    "DecoderOutput",
-    "GenerateOutput",
-    "from_pretrained",
-    "generate",
-    "init_cache",
-    "init_decoder",
-    "load_tokenizer",
-    "positions_from_segments",
-    "save_pretrained",
-    "train_bpe_tokenizer",
-    "weight_decay_mask",
-    "with_config",
-]
+import importlib
+
+# public name → the submodule that defines it
+_EXPORTS = {
+    "DecoderConfig": "config",
+    "Decoder": "decoder",
+    "DecoderOutput": "decoder",
+    "init_decoder": "decoder",
+    "positions_from_segments": "decoder",
+    "weight_decay_mask": "decoder",
+    "with_config": "decoder",
+    "from_pretrained": "hf",
+    "init_from_teacher": "student_init",
+    "convert_gguf": "gguf",
+    "save_pretrained": "hf",
+    "GenerateOutput": "sampler",
+    "generate": "sampler",
+    "init_cache": "sampler",
+    "load_tokenizer": "tokenizer",
+    "train_bpe_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdjax.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kdjax.models.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -1,15 +1,23 @@
 """`DecoderConfig`: the one description of a decoder, with conversion to and from
-transformers' config objects (Llama 2/3, Mistral, Qwen2/2.5, Qwen3)."""
+transformers' config objects (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+
+Imports no JAX (config parsing validates `model.init` with it), and owns the names the
+settings choose from: `DTYPES`, `REMAT_POLICIES`, `ATTENTION_IMPLS`, `FAMILIES`."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import numpy as np
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# compute / parameter dtypes a model section may name (student, online teacher, precompute)
+DTYPES = ("float32", "bfloat16", "float16")
+# per-layer jax.checkpoint policies (`kdjax.models.blocks.REMAT` maps them to policies)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "auto" picks the platform's fused kernel (`kdjax.platform.attention_impl`)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
@@ -106,21 +114,19 @@ class DecoderConfig:
                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
         if self.head_dim % 2:
             raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even for RoPE")
-        if self.family not in FAMILIES:
-            raise ValueError(f"DecoderConfig.family={self.family!r} is not supported; "
-                             f"choose one of {FAMILIES}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"DecoderConfig.remat={self.remat!r}; choose one of "
-                             f"{REMAT_POLICIES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"DecoderConfig.attention_impl={self.attention_impl!r}; choose "
-                             f"one of {ATTENTION_IMPLS} ('auto' picks the platform's kernel)")
+        for name, choices, note in (
+                ("family", FAMILIES, " (the supported families)"), ("remat", REMAT_POLICIES, ""),
+                ("attention_impl", ATTENTION_IMPLS, " ('auto' picks the platform's kernel)")):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"DecoderConfig.{name}={value!r}; choose one of "
+                                 f"{choices}{note}")
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"DecoderConfig.scan_layers must be True or False, got "
                              f"{self.scan_layers!r}")
         for name in ("param_dtype", "dtype"):
             try:
-                jnp.dtype(getattr(self, name))
+                np.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not a "
                                  "dtype name (e.g. 'float32', 'bfloat16')") from e

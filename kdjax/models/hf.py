@@ -89,7 +89,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     sharding (`mesh` given) or onto the default device, converted to `param_dtype`.
 
     Args:
-      path: directory written by transformers' `save_pretrained` (or kdjax's).
+      path: directory written by transformers' `save_pretrained` (or kdjax's), or a
+        `.gguf` file (dequantized; needs the `gguf` extra, see `kdjax.models.gguf`).
       mesh: optional mesh; parameters are sharded by their logical axes
         (kdjax.sharding.LOGICAL_RULES).
       dtype: compute dtype (default float32). param_dtype: stored dtype (default float32).
@@ -102,16 +103,33 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     from transformers import AutoConfig
 
     path = Path(path)
-    if not (path / "config.json").exists():
+    gguf_file = path.suffix.lower() == ".gguf" and not path.is_dir()
+    if gguf_file:
+        from . import gguf
+
+        hf_config = gguf.load_hf_config(path)  # checks file, extra and architecture
+    elif not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a directory written by "
                                 "transformers' save_pretrained")
+    else:
+        hf_config = AutoConfig.from_pretrained(path)
     overrides = dict(config_overrides)
     if dtype is not None:
         overrides["dtype"] = jnp.dtype(dtype).name
     if param_dtype is not None:
         overrides["param_dtype"] = jnp.dtype(param_dtype).name
-    cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(path), **overrides)
-    tensors = safetensors_io.open_tensors(path)
+    # config first: an unsupported option fails before any tensor is read or dequantized
+    cfg = DecoderConfig.from_hf(hf_config, **overrides)
+    tensors = gguf.gguf_tensors(path) if gguf_file else safetensors_io.open_tensors(path)
+    return from_tensors(cfg, tensors, mesh=mesh, source=path)
+
+
+def from_tensors(cfg: DecoderConfig, tensors, *, mesh: jax.sharding.Mesh | None = None,
+                 source: str | os.PathLike = "tensors") -> Decoder:
+    """A `Decoder` of `cfg` from `tensors`, a mapping of transformers tensor names to
+    array-likes (numpy arrays or memory maps) in transformers' layouts; `source` names
+    them in errors. (`from_pretrained` without the reading of config.json.)"""
+    path = Path(source)
     graphdef, state = _abstract_state(cfg)
     flat = list(nnx.to_flat_state(state))
     expected = {e[0] for p, _ in flat for e in _layout(p, cfg)}

@@ -48,10 +48,10 @@ def project(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Why: on CPU, XLA differentiates the N-D einsum into weight-gradient dots that
     contract two axes (batch, length) and materializes transposed copies of the
-    activation gradients for them (~40% of a SwiGLU MLP's fwd+bwd time, see
-    benchmarks/results/model.md); the 2-D form's gradients are plain `xᵀ @ dy` dots.
+    activation gradients for them; the 2-D form's gradients are plain `xᵀ @ dy` dots
+    (timings: `benchmarks/layers.py`, results in benchmarks/results/layers.md).
     Same values; the reshapes merge adjacent row-major axes (bitcasts). The 2-D matmul's
-    weight gradient goes through `kdjax.linalg.matmul` (a faster dot form on XLA:CPU).
+    weight gradient goes through `kdjax.linalg.matmul` (the dot form XLA:CPU runs best).
     """
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
@@ -109,9 +109,9 @@ class RMSNorm(nnx.Module):
 
 def rows(x: jax.Array) -> jax.Array:
     """`x` as a 2-D `[rows, last axis]` array (a bitcast). Reductions over the last axis
-    run on this form on CPU (`platform.row_view_reductions`): XLA:CPU reduces arrays with
-    a leading axis of size 1 (batch 1) up to ~6x slower (f32 [1, 1024, 384] over axis 2:
-    0.67 ms vs 0.12 ms for [4, 256, 384])."""
+    run on this form on CPU (`platform.row_view_reductions`): XLA:CPU runs them slower on
+    arrays with a leading axis of size 1 (batch 1) than on the same data as rows (timings
+    of RMSNorm's forward+backward: `benchmarks/layers.py`, benchmarks/results/layers.md)."""
     return x.reshape(-1, x.shape[-1])
 
 

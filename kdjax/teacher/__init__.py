@@ -5,25 +5,38 @@
     fields = store.read(rows)                 # sampled: ids, counts; topk: ids, logprobs;
                                               # dense: logits; + hidden_<layer>
     teacher = teacher_from_batch(batch, store.manifest)   # for kdjax.losses.fused_distill
+
+Names are imported on first use (PEP 562), so `from kdjax.teacher.config import
+PrecomputeConfig` (config parsing) imports no JAX.
 """
 
-from kdjax.teacher.batch import hidden_from_batch, teacher_from_batch
-from kdjax.teacher.config import PrecomputeConfig
-from kdjax.teacher.inspect import inspect_store
-from kdjax.teacher.precompute import precompute
-from kdjax.teacher.signal import MODES, dense_signal, sampled_signal, topk_signal
-from kdjax.teacher.store import TeacherStore, open_teacher_store
+import importlib
 
-__all__ = [
-    "MODES",
-    "PrecomputeConfig",
-    "TeacherStore",
-    "dense_signal",
-    "hidden_from_batch",
-    "inspect_store",
-    "open_teacher_store",
-    "precompute",
-    "sampled_signal",
-    "teacher_from_batch",
-    "topk_signal",
-]
+# public name → the submodule that defines it
+_EXPORTS = {
+    "MODES": "signal",
+    "PrecomputeConfig": "config",
+    "TeacherStore": "store",
+    "dense_signal": "signal",
+    "hidden_from_batch": "batch",
+    "inspect_store": "inspect",
+    "open_teacher_store": "store",
+    "precompute": "precompute",
+    "sampled_signal": "signal",
+    "teacher_from_batch": "batch",
+    "topk_signal": "signal",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdjax.teacher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kdjax.teacher.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -15,7 +15,7 @@ rerun of the same command resumes: only shards missing from the store are comput
   kdjax precompute --config configs/precompute/quickstart_sampled.yaml
   kdjax precompute --teacher TEACHER_DIR --tokens TOKENS/train --out STORE mode=topk k=32
   kdjax precompute --teacher TEACHER_DIR --tokens TOKENS/train --out STORE \\
-      mode=sampled num_samples=64 num_slots=32 batch_size=16 --overwrite
+      mode=sampled num_samples=64 batch_size=16 --overwrite
 
 The token store must have been packed with the teacher's tokenizer (`kdjax pack
 --tokenizer TEACHER_DIR`); a store packed with another one is refused. Multi-process (one
@@ -31,8 +31,8 @@ Exit status: 0 intact; 3 some chunk is missing or damaged (each is named, with i
 
 
 def add_parser(subparsers) -> None:
+    from kdjax.schema import settings_help
     from kdjax.teacher.config import PrecomputeConfig
-    from kdjax.train._docs import settings_help
 
     p = subparsers.add_parser(
         "precompute", help="run a teacher over a token store and write its teacher store "
@@ -64,8 +64,8 @@ def add_parser(subparsers) -> None:
 def precompute_config(args):
     """The PrecomputeConfig of a command line: --config, then key=value overrides, then the
     flags (--teacher, --tokens, --out, --mode, --overwrite)."""
+    from kdjax.schema import ConfigError
     from kdjax.teacher.config import PrecomputeConfig
-    from kdjax.train._schema import ConfigError
 
     overrides = list(args.overrides)
     for key in ("teacher", "tokens", "out", "mode", "overwrite"):
@@ -90,8 +90,8 @@ def run_precompute(args) -> int:
 
 def run_inspect(args) -> int:
     from kdjax.cli import EXIT_DATA_DAMAGE
+    from kdjax.schema import check_dir
     from kdjax.teacher.inspect import inspect_store, report_lines
-    from kdjax.train._schema import check_dir
 
     check_dir(args.store, None, what="teacher store", hint="; pass the directory "
               "`kdjax precompute` wrote (its --out)")

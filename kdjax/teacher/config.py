@@ -35,9 +35,10 @@ from collections.abc import Mapping, Sequence
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
-from kdjax.teacher.signal import MODES
-from kdjax.train import _schema
-from kdjax.train._schema import ConfigError, check, check_choice
+from kdjax import schema
+from kdjax.catalog import STORE_MODES
+from kdjax.models.config import DTYPES
+from kdjax.schema import ConfigError, check, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class PrecomputeConfig:
         object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
         if self.num_slots is None:  # U = N: every draw has a slot (unbiased)
             object.__setattr__(self, "num_slots", self.num_samples)
-        check_choice(self.mode, MODES, "mode")
+        check_choice(self.mode, STORE_MODES, "mode")
         for name in ("k", "num_samples", "num_slots", "batch_size", "shard_rows",
                      "chunk_rows"):
             value = getattr(self, name)
@@ -136,13 +137,13 @@ class PrecomputeConfig:
     def from_dict(cls, values: Mapping) -> PrecomputeConfig:
         """Builds a config from a mapping; an unknown key is an error naming the nearest,
         a value of the wrong type one naming the key."""
-        return _schema.build(cls, dict(values))
+        return schema.build(cls, dict(values))
 
     @classmethod
     def load(cls, path: str | None = None, overrides: Sequence[str] = ()) -> PrecomputeConfig:
         """Reads a YAML file (optional) and applies `key=value` overrides (YAML values), as
-        `kdjax train` reads its config (one loader for both)."""
-        return _schema.load(cls, path, overrides)
+        every command reads its settings (`kdjax.schema.load`)."""
+        return schema.load(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,12 +154,9 @@ class PrecomputeConfig:
         return self.param_dtype or self.dtype
 
 
-TEACHER_DTYPES = ("bfloat16", "float32", "float16")
-
-
 def _check_teacher_dtype(name: str, value) -> None:
-    if value not in TEACHER_DTYPES:
-        raise ConfigError(f"{name} must be one of {TEACHER_DTYPES} (the teacher's compute "
+    if value not in DTYPES:
+        raise ConfigError(f"{name} must be one of {DTYPES} (the teacher's compute "
                          f"dtype; bfloat16 is the default, float32 for full precision), "
                          f"got {value!r}")
 

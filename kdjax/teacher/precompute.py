@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from kdjax import distributed
+from kdjax import distributed, schema
 from kdjax.sharding import data_parallel_size, logical_to_spec, make_mesh
 from kdjax.storage import ShardLedger, fingerprint_dir
 from kdjax.storage.rowstore import RowStoreWriter
@@ -32,7 +32,6 @@ from kdjax.teacher.config import PrecomputeConfig
 from kdjax.teacher.progress import Progress, overflow_warning, summary_lines
 from kdjax.teacher.step import build_step, normalize_layers, shard_stats, total_stats
 from kdjax.teacher.writer import BackgroundWriter, ShardAssembler
-from kdjax.train import _schema
 
 
 def _teacher_fingerprint(config: PrecomputeConfig, model) -> str:
@@ -73,7 +72,7 @@ def check_tokenizer(config: PrecomputeConfig, token_store) -> None:
                   "tokenizer, so the token store's tokenizer is not checked against it (set "
                   "tokenizer=DIR to check)", flush=True)
         return
-    _schema.check_dir(path, "tokenizer" if config.tokenizer else "teacher",
+    schema.check_dir(path, "tokenizer" if config.tokenizer else "teacher",
                       what="tokenizer directory")
     token_store.check_tokenizer(
         load_tokenizer(path), whose=f"the teacher's in {path!r}" if path == config.teacher
@@ -149,12 +148,12 @@ def precompute(config: PrecomputeConfig, *, model=None, token_store=None, mesh=N
       the manifest's `stats` hold the counts (`overflow_rate`, `dropped_sample_rate`).
     """
     if model is None:
-        _schema.check_dir(config.teacher, "teacher", what="teacher directory",
+        schema.check_dir(config.teacher, "teacher", what="teacher directory",
                           holds="config.json", hint=_TEACHER_HINT)
     if token_store is None:
         from kdjax.data import open_token_store
 
-        _schema.check_dir(config.tokens, "tokens", what="token store",
+        schema.check_dir(config.tokens, "tokens", what="token store",
                           hint="; pack one with `kdjax pack SOURCE --tokenizer TEACHER_DIR "
                           "--out DIR --seq-len L` and pass DIR/train")
         token_store = open_token_store(config.tokens)

@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kdjax.catalog import STORE_MODES as MODES
 from kdjax.storage.dtypes import id_dtype, smallest_uint
 
 Array = jax.Array
 
-MODES = ("sampled", "topk", "dense")
 # Bumped whenever the same (seed, row, teacher) gives different stored values (2: draws
 # from exp(x − max) block sums, block-wise top-k; 3: f32 logits of 16-bit teachers). Part
 # of the store's plan, so a resumed store never mixes shards of two versions (the writer

@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
+from kdjax import schema
 from kdjax.train.config import Config
 
 __all__ = ["RESUMABLE_CHANGES", "Checkpointer", "ResumeError", "abstract_like", "restore_student",
@@ -68,14 +69,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:
     """Dotted keys whose values differ and may not change on resume, as `key: old → new`."""
-    from kdjax.train import _schema
-
     old, new = _flatten(saved), _flatten(current)
     out = []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<unset>") == new.get(key, "<unset>"):
             continue
-        default, known = _schema.field_default(Config, key)
+        default, known = schema.field_default(Config, key)
         if key not in new and not known:
             continue  # a field this version of kdjax no longer has
         if key not in old and known and new[key] == default:

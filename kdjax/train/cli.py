@@ -37,8 +37,8 @@ run's data.tokenizer) and the generation config of the model it started from.
 
 
 def add_parser(subparsers) -> None:
+    from kdjax.schema import settings_help
     from kdjax.train import eval_cli
-    from kdjax.train._docs import settings_help
     from kdjax.train.config import Config
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -83,7 +83,9 @@ def run_train(args) -> int:
     pack_if_needed(config)
     summary = train(config)
     if is_primary():
-        _print_summary("train", summary)
+        from kdjax.train.eval_cli import print_summary
+
+        print_summary("train", summary)
     return 0
 
 
@@ -91,7 +93,7 @@ def check_paths(config) -> None:
     """Refuses (ConfigError naming the key) a run whose directories do not exist, before
     anything is built: the model and teacher directories, the token stores (unless packed
     from `data.dataset` first) and the teacher stores."""
-    from kdjax.train._schema import check_dir
+    from kdjax.schema import check_dir
 
     hf = "; pass a local Hugging Face model directory (config.json and *.safetensors)"
     check_dir(config.model.path, "model.path", what="model directory", holds="config.json",
@@ -188,23 +190,3 @@ def _write_export(model, out_dir: str, dtype: str | None, tokenizer: str | None,
     if generation:
         shutil.copy2(generation, out / "generation_config.json")
     return {"path": str(out), "tokenizer": copied, "generation_config": generation}
-
-
-def _print_summary(command: str, summary) -> None:
-    """A short, human summary: scalars first, then where things were written."""
-    if not isinstance(summary, dict):
-        print(f"kdjax {command}: {summary}")
-        return
-    print(f"kdjax {command} done:")
-    for key, value in summary.items():
-        if not isinstance(value, str | int | float | dict | None):
-            continue  # e.g. the final train state
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-            print(f"  {key}: {inner}")
-        else:
-            print(f"  {key}: {_fmt(value)}")
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -4,17 +4,22 @@ A run is described by one `Config` (sections `model`, `teacher`, `data`, `store`
 `objective`, `optimizer`, `mesh`, `checkpoint`, `eval`, `logging`, plus top-level
 `run_dir`, `seed`, `steps`, `global_batch_size`, `micro_batches`). Each section checks
 its own fields in `__post_init__`; `Config.__post_init__` checks the rules that span
-sections. Everything fails here, before any model is built or compiled.
+sections. Everything that the file alone decides fails here, before any model is built
+or compiled; parsing imports no JAX and reads no file but the YAML. Rules that need the
+model directories (their config.json) run in `check_checkpoints()`, rules that need the
+device count (the -1 mesh axis) in `check_devices(n)`: the trainer calls both first.
 
     config = load_config("configs/quickstart.yaml", ["optimizer.lr=1e-3", "steps=50"])
     config.objective.temperature_at(step, config.steps)
+    tx = config.optimizer.build(config.steps)                 # optax transformation
+    objective = config.objective.build(config.teacher_source, config.steps, manifest)
 
 Override values are parsed as YAML (`eval.every=0` is an int, `model.path=null` is None,
 `objective.hidden.layer_map={1: 3}` is a dict). An unknown key is an error that names
 the nearest valid key. Levanter/marin style: sections are plain dataclasses, the YAML
 file mirrors them one to one, and `to_yaml()` writes a file that loads back equal.
 Relative paths are relative to the working directory `kdjax` runs in, not to the YAML
-file. Rules that need the device count (the -1 mesh axis) run in `check_devices(n)`.
+file. The generic machinery (typed building, overrides, YAML, help) is `kdjax.schema`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,19 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from kdjax.train import _schema
-from kdjax.train._schema import ConfigError, check, check_choice
+from kdjax import schema
+from kdjax.catalog import (
+    DIVERGENCES,
+    HIDDEN_LOSSES,
+    REQUIRED,
+    SPARSE_STORE_MODES,
+    STORE_MODES,
+)
+from kdjax.models.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from kdjax.schema import ConfigError, check, check_choice
 
 __all__ = [
     "AttentionTerm", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
@@ -35,17 +49,14 @@ __all__ = [
     "config_from_dict", "load_config",
 ]
 
-DTYPES = ("float32", "bfloat16", "float16")
-STORE_MODES = ("dense", "topk", "sampled")
-REMAT = ("none", "full", "dots", "dots_no_batch")
-
 
 def _frozen(cls):
     return dataclasses.dataclass(frozen=True)(cls)
 
 
 def _hf_field(path: str | None, name: str) -> int | None:
-    """An int field of `<path>/config.json` when the directory exists locally (else None)."""
+    """An int field of `<path>/config.json` when the directory exists locally (else None).
+    Only `Config.check_checkpoints` and the size properties read it, never parsing."""
     if not path:
         return None
     cfg = os.path.join(os.path.expanduser(path), "config.json")
@@ -88,9 +99,8 @@ class ModelConfig:
               f"(inline DecoderConfig fields); got path={self.path!r}, init={self.init!r}")
         check_choice(self.dtype, DTYPES, "model.dtype")
         check_choice(self.param_dtype, DTYPES, "model.param_dtype")
-        check_choice(self.remat, REMAT, "model.remat")
-        check_choice(self.attention_impl, ("auto", "xla", "cudnn", "splash"),
-                     "model.attention_impl")
+        check_choice(self.remat, REMAT_POLICIES, "model.remat")
+        check_choice(self.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
         if self.init is not None:
             self.decoder_config()  # validates the inline fields now, not at build time
 
@@ -110,8 +120,23 @@ class ModelConfig:
 
     def decoder_config(self):
         """`kdjax.models.DecoderConfig` for `init` (from scratch), with this section's
-        dtypes and remat policy."""
-        return _schema.decoder_config(self.init or {}, "model.init", **self.overrides())
+        dtypes and remat policy; unknown or conflicting fields and the model's own
+        validation are reported against model.init."""
+        from kdjax.models.config import DecoderConfig
+
+        init, section, key = self.init or {}, self.overrides(), "model.init"
+        names = [f.name for f in dataclasses.fields(DecoderConfig)]
+        for name in init:
+            if name not in names:
+                raise ConfigError(f"{key}: unknown DecoderConfig field {name!r}"
+                                  f"{schema.did_you_mean(str(name), names)}; valid: {names}")
+            if name in section:
+                raise ConfigError(f"{key}: set {name} on the model section (model.{name}), "
+                                  "not inside init")
+        try:
+            return DecoderConfig(**init, **section)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
 
     def overrides(self) -> dict:
         """The DecoderConfig fields this section sets (for init and for `from_pretrained`)."""
@@ -139,7 +164,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         check_choice(self.dtype, DTYPES, "teacher.dtype")
-        check_choice(self.remat, REMAT, "teacher.remat")
+        check_choice(self.remat, REMAT_POLICIES, "teacher.remat")
 
     @property
     def vocab_size(self) -> int | None:
@@ -256,6 +281,18 @@ class Schedule:
         return lambda step: self.value(start, step, total_steps)
 
 
+def _check_layer_map(layer_map: dict, key: str) -> None:
+    for s, t in layer_map.items():
+        ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in (s, t))
+        check(ok, key, f"entries must map a student layer index to a teacher layer index "
+              f"(ints >= 0), got {s!r}: {t!r}")
+
+
+def _pairs(layer_map: dict, weight: float) -> tuple[tuple[int, int], ...]:
+    """Sorted (student, teacher) layer pairs of an active term (none when weight is 0)."""
+    return tuple(sorted((int(s), int(t)) for s, t in layer_map.items())) if weight > 0 else ()
+
+
 @_frozen
 class HiddenTerm:
     """Hidden-state matching: loss on student layer s vs teacher layer t, per token."""
@@ -273,8 +310,8 @@ class HiddenTerm:
 
     def __post_init__(self):
         check(self.weight >= 0, "objective.hidden.weight", f"must be >= 0, got {self.weight}")
-        check_choice(self.loss, ("mse", "cosine"), "objective.hidden.loss")
-        _schema.check_layer_map(self.layer_map, "objective.hidden.layer_map")
+        check_choice(self.loss, HIDDEN_LOSSES, "objective.hidden.loss")
+        _check_layer_map(self.layer_map, "objective.hidden.layer_map")
         check(self.weight == 0 or self.layer_map, "objective.hidden.layer_map",
               "hidden.weight > 0 needs a layer_map such as {3: 11}")
 
@@ -291,7 +328,7 @@ class AttentionTerm:
     def __post_init__(self):
         check(self.weight >= 0, "objective.attention.weight",
               f"must be >= 0, got {self.weight}")
-        _schema.check_layer_map(self.layer_map, "objective.attention.layer_map")
+        _check_layer_map(self.layer_map, "objective.attention.layer_map")
         check(self.weight == 0 or self.layer_map, "objective.attention.layer_map",
               "attention.weight > 0 needs a layer_map such as {3: 11}")
 
@@ -325,11 +362,9 @@ class ObjectiveConfig:
     """Tokens per chunk in the fused kernel; None lets the kernel choose."""
 
     def __post_init__(self):
-        from kdjax.losses import DIVERGENCES
-
-        check_choice(self.divergence, DIVERGENCES, "objective.divergence")
-        _schema.check_kwargs(self.divergence, self.divergence_kwargs,
-                             "objective.divergence_kwargs")
+        check_choice(self.divergence, list(DIVERGENCES), "objective.divergence")
+        _check_divergence_kwargs(self.divergence, self.divergence_kwargs,
+                                 "objective.divergence_kwargs")
         check(self.temperature > 0, "objective.temperature",
               f"must be > 0, got {self.temperature}")
         end_t = self.temperature_schedule.end
@@ -355,6 +390,53 @@ class ObjectiveConfig:
         """Whether any term needs a teacher signal (store or online model)."""
         ce_only = self.alpha == 1.0 and self.alpha_schedule.kind == "constant"
         return not ce_only or self.hidden.weight > 0 or self.attention.weight > 0
+
+    def build(self, teacher_source: str, total_steps: int,
+              store_manifest: Mapping[str, Any] | None = None):
+        """The `kdjax.train.objective.Objective` of this section.
+
+        Args:
+          teacher_source: "store" (offline), "online" or "none" (`Config.teacher_source`).
+          total_steps: the run's steps (`Config.steps`), the length of the α and T
+            schedules that set no `steps` of their own.
+          store_manifest: the teacher store's manifest for offline KD (its mode, k,
+            num_samples and temperature are kept), or None.
+        """
+        from kdjax.train.objective import Objective
+
+        manifest = {k: store_manifest[k] for k in ("mode", "num_samples", "k", "temperature")
+                    if store_manifest and k in store_manifest}
+        return Objective(
+            divergence=self.divergence,
+            divergence_kwargs=tuple(sorted(self.divergence_kwargs.items())),
+            alpha=self.alpha_schedule.build(self.alpha, total_steps),
+            temperature=self.temperature_schedule.build(self.temperature, total_steps),
+            t2_scaling=self.t2_scaling, teacher_source=teacher_source,
+            store_manifest=tuple(sorted(manifest.items())), fused=self.use_fused,
+            chunk_size=self.chunk_size,
+            hidden_layers=_pairs(self.hidden.layer_map, self.hidden.weight),
+            hidden_loss=self.hidden.loss, hidden_weight=self.hidden.weight,
+            hidden_projection=self.hidden.projection,
+            attention_layers=_pairs(self.attention.layer_map, self.attention.weight),
+            attention_weight=self.attention.weight)
+
+
+def _check_divergence_kwargs(divergence: str, kwargs: dict, key: str) -> None:
+    """Extra divergence arguments must be keyword arguments of the catalog function, and
+    the ones without a default must be given (`kdjax.catalog.DIVERGENCES`)."""
+    params = DIVERGENCES[divergence]
+    names = list(params)
+    for name in kwargs:
+        if name not in names:
+            raise ConfigError(f"{key}: {divergence} takes no argument {name!r}"
+                              f"{schema.did_you_mean(str(name), names)}; it takes "
+                              f"{names or 'none'} (temperature is objective.temperature)")
+    missing = [n for n in names if params[n] == REQUIRED and n not in kwargs]
+    check(not missing, key, f"{divergence} needs {missing}, e.g. "
+          f"objective.divergence_kwargs={{{', '.join(f'{n}: 1.0' for n in missing)}}}")
+
+
+LR_DECAYS = ("cosine", "linear", "constant")
 
 
 @_frozen
@@ -386,7 +468,7 @@ class OptimizerConfig:
         check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
         check(self.warmup_steps >= 0, "optimizer.warmup_steps",
               f"must be >= 0, got {self.warmup_steps}")
-        check_choice(self.decay, ("cosine", "linear", "constant"), "optimizer.decay")
+        check_choice(self.decay, LR_DECAYS, "optimizer.decay")
         check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
               f"must be in [0, 1], got {self.min_lr_ratio}")
         check(self.weight_decay >= 0, "optimizer.weight_decay",
@@ -399,6 +481,38 @@ class OptimizerConfig:
               f"must be > 0 or null, got {self.clip_norm}")
         check(self.max_nonfinite >= 1, "optimizer.max_nonfinite",
               f"must be >= 1, got {self.max_nonfinite}")
+
+    def schedule(self, total_steps: int):
+        """The optax learning-rate schedule over `total_steps`: linear warmup from 0 to
+        `lr`, then `decay` to `lr·min_lr_ratio` at `total_steps`."""
+        import optax
+
+        check(total_steps >= 1, "steps", f"must be >= 1, got {total_steps}")
+        warmup = min(self.warmup_steps, total_steps - 1)
+        lr, rest = self.lr, total_steps - warmup
+        if self.decay == "cosine":
+            decay = optax.cosine_decay_schedule(lr, rest, alpha=self.min_lr_ratio)
+        elif self.decay == "linear":
+            decay = optax.linear_schedule(lr, lr * self.min_lr_ratio, rest)
+        else:
+            decay = optax.constant_schedule(lr)
+        if not warmup:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+    def build(self, total_steps: int):
+        """The optax transformation (Loshchilov & Hutter, 2019): global-norm clipping
+        (unless `clip_norm` is None), then AdamW on `schedule(total_steps)` with weight
+        decay on weight matrices only (`kdjax.train.state.decay_mask`)."""
+        import optax
+
+        from kdjax.train.state import decay_mask
+
+        adamw = optax.adamw(self.schedule(total_steps), b1=self.b1, b2=self.b2, eps=self.eps,
+                            weight_decay=self.weight_decay, mask=decay_mask)
+        if self.clip_norm is None:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw)
 
 
 @_frozen
@@ -540,6 +654,13 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Metrics outputs."""
 
+    # names users bring from other trainers, which string similarity alone would miss
+    ALIASES = {"learning_rate": "lr", "batch_size": "global_batch_size", "num_steps": "steps",
+               "max_steps": "steps", "train_steps": "steps", "temp": "temperature",
+               "warmup": "warmup_steps", "grad_clip": "clip_norm", "max_grad_norm": "clip_norm",
+               "output_dir": "run_dir", "out_dir": "run_dir", "kl": "divergence",
+               "loss": "divergence", "gradient_accumulation_steps": "micro_batches"}
+
     def __post_init__(self):
         check(bool(self.run_dir), "run_dir", "a run directory is required")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -550,9 +671,23 @@ class Config:
         check(self.optimizer.warmup_steps <= self.steps, "optimizer.warmup_steps",
               f"{self.optimizer.warmup_steps} exceeds steps={self.steps}")
         self._check_teacher_signal()
-        self._check_vocab()
-        self._check_layers()
+        init = self.model.init or {}  # sizes known without reading a checkpoint
+        self._check_vocab(init.get("vocab_size"), None)
+        self._check_layers(init.get("num_layers"), None)
         self._check_batch(self.mesh.data_parallel_size())
+
+    @property
+    def teacher_source(self) -> str:
+        """Where the teacher signal comes from: "online" (teacher.path), "store"
+        (store.path) or "none" (hard-label training)."""
+        return "online" if self.teacher.path else "store" if self.store.path else "none"
+
+    def check_checkpoints(self) -> None:
+        """The rules that need the student's and teacher's sizes from their local
+        `config.json` (vocabularies agree, layer maps in range); a directory that does not
+        exist (yet) is skipped. The trainer calls it before building anything."""
+        self._check_vocab(self.model.vocab_size, self.teacher.vocab_size)
+        self._check_layers(self.model.num_layers, self.teacher.num_layers)
 
     def _check_teacher_signal(self):
         online, offline = self.teacher.path is not None, self.store.path is not None
@@ -565,7 +700,7 @@ class Config:
         check(self.objective.attention.weight == 0 or online, "objective.attention",
               "attention distillation needs an online teacher (teacher.path); stores hold "
               "no attention scores")
-        sparse = self.store.mode in ("topk", "sampled")
+        sparse = self.store.mode in SPARSE_STORE_MODES
         check(not sparse or self.objective.divergence == "forward_kl", "objective.divergence",
               f"a {self.store.mode} store supports forward_kl only (sparse_forward_kl / "
               f"sampled_forward_kl), got {self.objective.divergence!r}; use a dense store or "
@@ -573,17 +708,16 @@ class Config:
         check(self.store.eval_path is None or self.data.eval is not None, "store.eval_path",
               "needs data.eval (the token store it was computed from)")
 
-    def _check_vocab(self):
-        vs, vt = self.model.vocab_size, self.teacher.vocab_size
+    def _check_vocab(self, vs: int | None, vt: int | None):
         if vs is None or vt is None or vs == vt:
             return
         check(self.teacher.truncate_vocab, "teacher.path",
               f"teacher vocab_size {vt} differs from student vocab_size {vs}; if they share "
               "a tokenizer and differ only by padding rows set teacher.truncate_vocab=true")
 
-    def _check_layers(self):
+    def _check_layers(self, student: int | None, teacher: int | None):
         obj = self.objective
-        for side, n in (("student", self.model.num_layers), ("teacher", self.teacher.num_layers)):
+        for side, n in (("student", student), ("teacher", teacher)):
             pick = (lambda m: list(m)) if side == "student" else (lambda m: list(m.values()))
             if n is None:
                 continue
@@ -624,7 +758,7 @@ class Config:
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """YAML text of `to_dict()`; also written to `path` when given."""
-        text = _schema.dump_yaml(self.to_dict())
+        text = schema.dump_yaml(self.to_dict())
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)
@@ -632,7 +766,7 @@ class Config:
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of the whole config."""
-        return _schema.fingerprint(self.to_dict())
+        return schema.fingerprint(self.to_dict())
 
     def replace(self, *overrides: str) -> Config:
         """A copy with `key.sub=value` overrides applied (validated again)."""
@@ -641,14 +775,14 @@ class Config:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Builds and validates a `Config` from a nested dict (unknown keys are errors)."""
-    return _schema.build(Config, data, "")
+    return schema.build(Config, data)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """`config` with `key.sub=value` overrides (values parsed as YAML) applied."""
     data = config.to_dict()
     for item in overrides:
-        _schema.set_override(Config, data, item)
+        schema.set_override(Config, data, item)
     return config_from_dict(data)
 
 
@@ -660,5 +794,5 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = (
       ConfigError (a ValueError): unknown key (naming the nearest valid one), bad type,
         bad value or an inconsistent combination, with the key and the value seen.
     """
-    return _schema.load(Config, path, overrides)
+    return schema.load(Config, path, overrides)
 

@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from kdjax.train._schema import ConfigError
+    from kdjax.schema import ConfigError
 
     runs = [t for t in args.targets if "=" not in t]
     overrides = [t for t in args.targets if "=" in t]
@@ -83,9 +83,7 @@ def run_eval(args) -> int:
         if args.json:
             print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
         else:
-            from kdjax.train.cli import _print_summary
-
-            _print_summary("eval", metrics)
+            print_summary("eval", metrics)
     elif args.json:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))
     else:
@@ -109,7 +107,7 @@ def run_config(run_dir: str, overrides: list[str]):
     """The config a run saved, with `overrides` (and its new place, if it moved)."""
     import os
 
-    from kdjax.train._schema import check_dir
+    from kdjax.schema import check_dir
     from kdjax.train.checkpoint import read_run_config
 
     check_dir(run_dir, None, what="run directory", hint="; pass the run_dir of a "
@@ -134,6 +132,7 @@ def evaluate_checkpoint(config, step: int | None = None) -> dict:
     if not config.data.eval:
         raise FileNotFoundError(f"run {config.run_dir} has no held-out data: set "
                                 "data.eval=PATH (a token store)")
+    config.check_checkpoints()
     config.check_devices(jax.device_count())
     mesh = config.mesh.make()
     model, step = restore_student(config, step)
@@ -157,10 +156,10 @@ def evaluate_model(model_dir: str, data: str, *, store: str | None = None,
 
     from kdjax.data import Loader, open_token_store
     from kdjax.models import from_pretrained
+    from kdjax.schema import ConfigError, check_dir
     from kdjax.sharding import make_mesh
     from kdjax.teacher import open_teacher_store
     from kdjax.train import evaluate as ev
-    from kdjax.train._schema import ConfigError, check_dir
     from kdjax.train.state import split_model
 
     check_dir(model_dir, "--model", what="model directory", holds="config.json")
@@ -193,3 +192,24 @@ def evaluate_model(model_dir: str, data: str, *, store: str | None = None,
         fn = ev.make_eval_fn(graphdef, mesh, store_manifest=teacher_store and
                              teacher_store.manifest)
         return ev.evaluate(fn, params, rest, (loader.batch_at(i) for i in range(n)))
+
+
+def print_summary(command: str, summary) -> None:
+    """A short, human summary of a command's result dict (`kdjax train`, `kdjax eval`):
+    scalars first, then where things were written."""
+    if not isinstance(summary, dict):
+        print(f"kdjax {command}: {summary}")
+        return
+    print(f"kdjax {command} done:")
+    for key, value in summary.items():
+        if not isinstance(value, str | int | float | dict | None):
+            continue  # e.g. the final train state
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+            print(f"  {key}: {inner}")
+        else:
+            print(f"  {key}: {_fmt(value)}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -25,8 +25,7 @@ from kdjax.train import evaluate as ev
 from kdjax.train.checkpoint import Checkpointer, abstract_like
 from kdjax.train.config import Config
 from kdjax.train.metrics import FlopCounter, RunLogger
-from kdjax.train.objective import objective_from_config
-from kdjax.train.state import OptimizerSpec, create_train_state, split_model
+from kdjax.train.state import create_train_state, split_model
 from kdjax.train.step import make_train_step
 
 Hook = Callable[[int, Any, dict], None]
@@ -54,14 +53,6 @@ def build_teacher(path: str, dtype: str, mesh, remat: str = "full") -> tuple:
     teacher = models.from_pretrained(path, mesh=mesh, dtype=dtype, param_dtype=dtype,
                                      remat=remat)
     return split_model(teacher)
-
-
-def optimizer_spec(config: Config) -> OptimizerSpec:
-    o = config.optimizer
-    return OptimizerSpec(learning_rate=o.lr, warmup_steps=o.warmup_steps,
-                         total_steps=config.steps, decay=o.decay, min_lr_ratio=o.min_lr_ratio,
-                         weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                         max_grad_norm=o.clip_norm)
 
 
 def _open_stores(config: Config, vocab_size: int):
@@ -161,6 +152,7 @@ def setup(config: Config) -> Run:
     """Mesh, stores, student (+ online teacher), objective, fresh state, loader, step."""
     from kdjax.data import Loader
 
+    config.check_checkpoints()
     config.check_devices(jax.device_count())
     mesh = config.mesh.make()
     student = build_student(config, mesh)
@@ -168,9 +160,9 @@ def setup(config: Config) -> Run:
                                                                 student.config.vocab_size)
     teacher = (build_teacher(config.teacher.path, config.teacher.dtype, mesh,
                              config.teacher.remat) if config.teacher.path else None)
-    objective = objective_from_config(config, store.manifest if store else None)
-    spec = optimizer_spec(config)
-    tx = spec.build()
+    objective = config.objective.build(config.teacher_source, config.steps,
+                                       store.manifest if store else None)
+    tx = config.optimizer.build(config.steps)
     state = create_train_state(student, tx, mesh=mesh, seed=config.seed,
                                projections=objective.projection_shapes(
                                    student.config.hidden_size,
@@ -180,7 +172,8 @@ def setup(config: Config) -> Run:
     train_step = make_train_step(objective, tx, state=state, mesh=mesh,
                                  batch_sharding=loader.sharding,
                                  micro_batches=config.micro_batches,
-                                 lr_schedule=spec.schedule(), teacher=teacher)
+                                 lr_schedule=config.optimizer.schedule(config.steps),
+                                 teacher=teacher)
     run_eval = make_evaluator(config, mesh, state, eval_tokens, eval_store, teacher)
     return Run(mesh, train_tokens, store, state, loader, train_step, run_eval,
                flop_counter(student.config, train_tokens.seq_len, teacher))

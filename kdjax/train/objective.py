@@ -3,7 +3,7 @@
     loss = α·CE(student, targets) + (1 − α)·s·D(teacher ‖ student; T)
            + w_h·Σ_layers hidden(h_s·P, h_t) + w_a·Σ_layers attention_kl(a_s, a_t)
 
-with s = T² when `t_squared` (Hinton et al., 2015) else 1, α and T optionally optax
+with s = T² when `t2_scaling` (Hinton et al., 2015) else 1, α and T optionally optax
 schedules of the step, D any divergence of the catalog. The teacher signal is either
 offline (rows of the teacher store merged into the batch as `teacher_*` keys) or online
 (a teacher `Decoder` run in the same step under `stop_gradient`). By default the
@@ -12,6 +12,9 @@ hidden state and the lm_head chunk by chunk; `fused=False` is the naive referenc
 
 Every term is a `Weighted(sum, count)` over the batch's `loss_mask` tokens, so gradient
 accumulation and multi-host reduction divide once, at the end (see `step.py`).
+
+A run builds its Objective from the config (`ObjectiveConfig.build`), which has checked
+every value; the Objective itself refuses only combinations that cannot work.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from flax import nnx
 from kdjax import losses, sharding
 from kdjax.losses import divergences
 from kdjax.losses.reduce import Weighted, masked_sum_count
+from kdjax.schema import ConfigError, check_choice
 
 Schedule = Callable[[jax.Array], jax.Array]
 TEACHER_SOURCES = ("store", "online", "none")
-HIDDEN_LOSSES = ("mse", "cosine")
 
 
 def at_step(value: float | Schedule, step: jax.Array) -> float | jax.Array:
@@ -41,7 +44,8 @@ def at_step(value: float | Schedule, step: jax.Array) -> float | jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """What to minimise; all fields static (hashable), built once per run.
+    """What to minimise; all fields static (hashable), built once per run (by
+    `kdjax.train.config.ObjectiveConfig.build`, which validates the values).
 
     Attributes:
       divergence: catalog name (`kdjax.losses.DIVERGENCES`).
@@ -49,7 +53,7 @@ class Objective:
       alpha: weight of the hard-label CE in [0, 1] (float or schedule). α = 1 is plain
         language-model training (no teacher needed).
       temperature: T > 0 (float or schedule).
-      t_squared: multiply the divergence by T².
+      t2_scaling: multiply the divergence by T² (the config's `objective.t2_scaling`).
       teacher_source: "store" (offline), "online" or "none".
       store_manifest: the teacher store's manifest items (tuple of pairs) for offline KD.
       fused: use the chunked fused kernel (default) instead of materialising logits.
@@ -64,7 +68,7 @@ class Objective:
     divergence_kwargs: tuple[tuple[str, Any], ...] = ()
     alpha: float | Schedule = 0.0
     temperature: float | Schedule = 1.0
-    t_squared: bool = False
+    t2_scaling: bool = True
     teacher_source: str = "store"
     store_manifest: tuple[tuple[str, Any], ...] = ()
     fused: bool = True
@@ -77,24 +81,12 @@ class Objective:
     attention_weight: float = 0.0
 
     def __post_init__(self):
-        if self.divergence not in divergences.DIVERGENCES:
-            raise ValueError(f"objective.divergence={self.divergence!r} is not in the catalog; "
-                             f"choose one of {list(divergences.DIVERGENCES)}")
-        if self.teacher_source not in TEACHER_SOURCES:
-            raise ValueError(f"objective.teacher_source={self.teacher_source!r}; choose one "
-                             f"of {TEACHER_SOURCES}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"objective.hidden_loss={self.hidden_loss!r}; choose one of "
-                             f"{HIDDEN_LOSSES}")
-        if isinstance(self.alpha, float) and not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"objective.alpha={self.alpha} must lie in [0, 1]")
-        if isinstance(self.temperature, float) and not self.temperature > 0:
-            raise ValueError(f"objective.temperature={self.temperature} must be > 0")
+        check_choice(self.teacher_source, TEACHER_SOURCES, "Objective.teacher_source")
         if self.uses_teacher and self.teacher_source == "none":
-            raise ValueError("the objective needs a teacher (alpha < 1 or hidden/attention "
+            raise ConfigError("the objective needs a teacher (alpha < 1 or hidden/attention "
                              "terms) but teacher_source='none'; set alpha=1.0 or a teacher")
         if self.attention_layers and self.teacher_source != "online":
-            raise ValueError("attention terms need teacher_source='online' (the teacher "
+            raise ConfigError("attention terms need teacher_source='online' (the teacher "
                              "store does not hold attention scores)")
 
     @property
@@ -138,7 +130,7 @@ class Objective:
                     attention_layers=tuple(sorted({s for s, _ in self.attention_layers})))
         t_out = self._online_teacher(batch, teacher) if self.teacher_source == "online" else None
         alpha, temp = at_step(self.alpha, step), at_step(self.temperature, step)
-        scale = (1.0 - alpha) * (temp * temp if self.t_squared else 1.0)
+        scale = (1.0 - alpha) * (temp * temp if self.t2_scaling else 1.0)
         if self.fused:
             total, metrics = _fused_logit_terms(self, model, out, t_out, batch, alpha=alpha,
                                                 scale=scale, temperature=temp, mesh=mesh)
@@ -293,7 +285,7 @@ def _teacher_hidden(t_out, batch, layer):
 
 def _hidden_term(obj: Objective, out, t_out, batch, proj) -> jax.Array:
     """Σ over layer pairs of `hidden_mse` / `hidden_cosine` per token `[B, L]` (f32)."""
-    fn = losses.hidden_mse if obj.hidden_loss == "mse" else losses.hidden_cosine
+    fn = getattr(losses, f"hidden_{obj.hidden_loss}")  # kdjax.catalog.HIDDEN_LOSSES
     return sum(fn(out.hidden_states[s], _teacher_hidden(t_out, batch, t), proj.get(f"{s}_{t}"))
                for s, t in obj.hidden_layers)
 
@@ -310,28 +302,3 @@ def _attention_term(obj: Objective, out, t_out, batch) -> jax.Array:
     return sum(losses.attention_kl(out.attention_scores[s], t_out[0].attention_scores[t],
                                    key_mask=allowed)
                for s, t in obj.attention_layers)
-
-
-def objective_from_config(config, store_manifest: Mapping[str, Any] | None = None
-                          ) -> Objective:
-    """The Objective of a `kdjax.train.config.Config` (and the teacher store's manifest)."""
-    oc = config.objective
-    source = ("online" if config.teacher.path else
-              "store" if config.store.path else "none")
-    manifest = {k: store_manifest[k] for k in ("mode", "num_samples", "k", "temperature")
-                if store_manifest and k in store_manifest}
-    proj = oc.hidden.projection
-    return Objective(
-        divergence=oc.divergence, divergence_kwargs=tuple(sorted(oc.divergence_kwargs.items())),
-        alpha=oc.alpha_schedule.build(oc.alpha, config.steps),
-        temperature=oc.temperature_schedule.build(oc.temperature, config.steps),
-        t_squared=oc.t2_scaling, teacher_source=source,
-        store_manifest=tuple(sorted(manifest.items())), fused=oc.use_fused,
-        chunk_size=oc.chunk_size,
-        hidden_layers=tuple(sorted((int(s), int(t)) for s, t in oc.hidden.layer_map.items()))
-        if oc.hidden.weight > 0 else (),
-        hidden_loss=oc.hidden.loss, hidden_weight=oc.hidden.weight, hidden_projection=proj,
-        attention_layers=tuple(sorted((int(s), int(t))
-                                      for s, t in oc.attention.layer_map.items()))
-        if oc.attention.weight > 0 else (),
-        attention_weight=oc.attention.weight)

@@ -21,52 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kdjax import sharding as shd
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-    """AdamW; linear warmup, then cosine/linear/constant decay to `min_lr_ratio · lr` at
-    `total_steps`; global-norm clipping (Loshchilov & Hutter, 2019)."""
-
-    learning_rate: float = 3e-4
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    decay: str = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-
-    def schedule(self) -> optax.Schedule:
-        if self.total_steps < 1:
-            raise ValueError(f"optimizer total_steps={self.total_steps} must be >= 1")
-        warmup = min(self.warmup_steps, self.total_steps - 1)
-        lr, end = self.learning_rate, self.learning_rate * self.min_lr_ratio
-        rest = self.total_steps - warmup
-        if self.decay == "cosine":
-            decay = optax.cosine_decay_schedule(lr, rest, alpha=self.min_lr_ratio)
-        elif self.decay == "linear":
-            decay = optax.linear_schedule(lr, end, rest)
-        elif self.decay == "constant":
-            decay = optax.constant_schedule(lr)
-        else:
-            raise ValueError(f"optimizer decay={self.decay!r}; use cosine | linear | constant")
-        if not warmup:
-            return decay
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-
-    def build(self) -> optax.GradientTransformation:
-        adamw = optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
-                            weight_decay=self.weight_decay, mask=_decay_mask)
-        if self.max_grad_norm is None:
-            return adamw
-        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
-
-
-def _decay_mask(params):
-    """Weight decay on weight matrices only: the student's per `weight_decay_mask` (its
-    stacked layers carry a leading "layers" axis, so `ndim` alone cannot tell a norm
-    scale `[layers, H]` from a matrix), every learned projection; nothing else."""
+def decay_mask(params):
+    """The AdamW weight-decay mask of `OptimizerConfig.build`: weight matrices only, the
+    student's per `weight_decay_mask` (its stacked layers carry a leading "layers" axis,
+    so `ndim` alone cannot tell a norm scale `[layers, H]` from a matrix), every learned
+    projection; nothing else."""
     from kdjax.models import weight_decay_mask
 
     out = {k: jax.tree.map(lambda x: x.ndim >= 2, v) for k, v in params.items()}

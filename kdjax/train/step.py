@@ -51,7 +51,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *,
 
     Args:
       objective: the loss (static).
-      tx: the optax transformation (AdamW + clipping, see `state.OptimizerSpec`).
+      tx: the optax transformation (AdamW + clipping, see `OptimizerConfig.build`).
       state: a placed state; only its shardings and structure are used.
       mesh: the device mesh.
       batch_sharding: the sharding of every batch array (batch dimension first), e.g.

@@ -7,7 +7,7 @@ from kdjax.compile import abstract as ab
 from kdjax.compile import steps
 from kdjax.compile.plan import make_plan, precompute_config
 from kdjax.train.config import config_from_dict
-from kdjax.train.loop import build_student, optimizer_spec
+from kdjax.train.loop import build_student
 from kdjax.train.state import create_train_state
 
 
@@ -30,7 +30,7 @@ def test_abstract_state_matches_the_real_one(tmp_path):
     plan = make_plan(config, jax.devices()[:8])
     lowered = steps.train_step(plan)
     abstract_state = lowered.args[0]
-    tx = optimizer_spec(config).build()
+    tx = config.optimizer.build(config.steps)
     real = create_train_state(build_student(config, plan.mesh), tx, mesh=plan.mesh, seed=0)
     assert _signature(abstract_state.params) == _signature(real.params)
     assert _signature(abstract_state.opt_state) == _signature(real.opt_state)

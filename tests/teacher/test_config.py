@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from kdjax.cli import main
+from kdjax.schema import ConfigError
 from kdjax.teacher import PrecomputeConfig
-from kdjax.train._schema import ConfigError
 
 
 def test_yaml_and_overrides(tmp_path):

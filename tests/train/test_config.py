@@ -8,7 +8,7 @@ import jax
 import pytest
 import yaml
 
-from kdjax.losses import DIVERGENCES
+from kdjax.catalog import DIVERGENCES
 from kdjax.train.config import (
     Config,
     ConfigError,
@@ -160,19 +160,40 @@ def test_missing_required_key_and_missing_file(tmp_path):
     _error([], tmp_path / "nope.yaml", match="does not exist")
 
 
+def _checkpoint_error(overrides, path, match):
+    config = load_config(path, overrides)  # parsing never reads a checkpoint
+    with pytest.raises(ConfigError, match=match):
+        config.check_checkpoints()
+
+
 def test_vocab_mismatch_with_local_teacher(tiny_yaml, tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "config.json").write_text(json.dumps({"vocab_size": 128}))
     online = ["store.path=null", "store.mode=null", f"teacher.path={teacher}"]
-    _error(online, tiny_yaml, r"teacher vocab_size 128 differs from student vocab_size 96")
+    _checkpoint_error(online, tiny_yaml,
+                      r"teacher vocab_size 128 differs from student vocab_size 96")
     config = load_config(tiny_yaml, [*online, "teacher.truncate_vocab=true"])
+    config.check_checkpoints()
     assert config.teacher.vocab_size == 128
     (teacher / "config.json").write_text(json.dumps({"vocab_size": 96, "num_hidden_layers": 4}))
     hidden = [*online, "objective.hidden={weight: 1, layer_map: {2: 4}}"]
+    load_config(tiny_yaml, hidden).check_checkpoints()
     assert load_config(tiny_yaml, hidden).teacher.num_layers == 4
-    _error([*online, "objective.hidden={weight: 1, layer_map: {2: 5}}"], tiny_yaml,
-           r"teacher residual-stream indices \[5\] exceed its num_layers=4")
+    _checkpoint_error([*online, "objective.hidden={weight: 1, layer_map: {2: 5}}"], tiny_yaml,
+                      r"teacher residual-stream indices \[5\] exceed its num_layers=4")
+
+
+def test_parsing_reads_no_checkpoint(tiny_yaml, tmp_path):
+    """A model.path that does not exist (yet) loads; the trainer's checks come later."""
+    student = tmp_path / "student"
+    config = load_config(tiny_yaml, ["model.init=null", f"model.path={student}",
+                                     "objective.hidden={weight: 1, layer_map: {9: 1}}"])
+    config.check_checkpoints()  # nothing to compare yet
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"vocab_size": 96, "num_hidden_layers": 2}))
+    with pytest.raises(ConfigError, match=r"student residual-stream indices \[9\] exceed"):
+        config.check_checkpoints()
 
 
 def test_check_devices_resolves_the_mesh(tiny_yaml):

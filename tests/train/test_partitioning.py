@@ -22,8 +22,9 @@ from kdjax import sharding as shd
 from kdjax.compile import hlo
 from kdjax.models import Decoder, DecoderConfig
 from kdjax.train import evaluate as ev
+from kdjax.train.config import OptimizerConfig
 from kdjax.train.objective import Objective
-from kdjax.train.state import OptimizerSpec, create_train_state, split_model
+from kdjax.train.state import create_train_state, split_model
 from kdjax.train.step import make_train_step
 
 # sizes chosen so that no model dimension equals a batch or token count
@@ -42,7 +43,7 @@ MODES = {  # objective per teacher source; chunk_size ≥ N: one chunk per devic
 }
 LAYOUTS = {"data8": dict(data=8), "fsdp8": dict(fsdp=8), "data2xfsdp4": dict(data=2, fsdp=4),
            "data2xfsdp2xtensor2": dict(data=2, fsdp=2, tensor=2)}
-SPEC = OptimizerSpec(learning_rate=1e-3, total_steps=10)
+TX = OptimizerConfig(lr=1e-3).build(10)
 
 
 def _mesh(layout):
@@ -77,7 +78,7 @@ def _teacher(layout):
 @functools.cache
 def _student_state(layout):
     mesh = _mesh(layout)
-    return create_train_state(Decoder(CFG, rngs=nnx.Rngs(0)), SPEC.build(), mesh=mesh, seed=0)
+    return create_train_state(Decoder(CFG, rngs=nnx.Rngs(0)), TX, mesh=mesh, seed=0)
 
 
 def _inputs(mode, layout):
@@ -93,7 +94,7 @@ def _inputs(mode, layout):
 @functools.cache
 def compiled_train(mode, layout):
     mesh, state, batch, sharding, teacher, t_arrays = _inputs(mode, layout)
-    step = make_train_step(MODES[mode], SPEC.build(), state=state, mesh=mesh,
+    step = make_train_step(MODES[mode], TX, state=state, mesh=mesh,
                            batch_sharding=sharding, teacher=teacher)
     with jax.set_mesh(mesh):
         return step.jitted.lower(state, batch, t_arrays).compile()

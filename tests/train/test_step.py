@@ -14,18 +14,19 @@ from jax.sharding import NamedSharding
 
 from kdjax import sharding as shd
 from kdjax.models import Decoder, DecoderConfig
+from kdjax.train.config import OptimizerConfig
 from kdjax.train.objective import Objective
-from kdjax.train.state import OptimizerSpec, create_train_state
+from kdjax.train.state import create_train_state
 from kdjax.train.step import make_train_step
 from tests.tolerances import assert_close
 
 V, B, L = 32, 8, 8
 CFG = DecoderConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_layers=1,
                     num_heads=8, num_kv_heads=4)
-OBJ = Objective(alpha=0.5, temperature=2.0, t_squared=True,
+OBJ = Objective(alpha=0.5, temperature=2.0, t2_scaling=True,
                 store_manifest=(("mode", "sampled"), ("num_samples", 8)))
 DENSE = Objective(alpha=0.5, store_manifest=(("mode", "dense"),))
-SPEC = OptimizerSpec(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+OPT, STEPS = OptimizerConfig(lr=1e-2, warmup_steps=1), 10
 
 
 def _batches(rng, n, nan_at=()):
@@ -47,13 +48,13 @@ def _batches(rng, n, nan_at=()):
     return out
 
 
-def _run(mesh, batches, *, micro=1, spec=SPEC, obj=OBJ, history=None):
+def _run(mesh, batches, *, micro=1, opt=OPT, obj=OBJ, history=None):
     """Trains on `batches`; returns (state, per-step metrics, the step function)."""
-    tx = spec.build()
+    tx = opt.build(STEPS)
     state = create_train_state(Decoder(CFG, rngs=nnx.Rngs(0)), tx, mesh=mesh, seed=0)
     sharding = NamedSharding(mesh, shd.logical_to_spec(("batch",), mesh=mesh))
     step = make_train_step(obj, tx, state=state, mesh=mesh, batch_sharding=sharding,
-                           micro_batches=micro, lr_schedule=spec.schedule())
+                           micro_batches=micro, lr_schedule=opt.schedule(STEPS))
     step.put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
     metrics = []
     with jax.set_mesh(mesh):
@@ -142,8 +143,7 @@ def test_indivisible_micro_batches_is_a_clear_error(rng):
 
 
 def test_optimizer_schedule_warmup_then_cosine():
-    spec = OptimizerSpec(learning_rate=1.0, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
-    sched = spec.schedule()
+    sched = OptimizerConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1).schedule(20)
     lrs = np.array([float(sched(jnp.int32(s))) for s in range(21)])
     np.testing.assert_allclose(lrs[:5], [0, 0.25, 0.5, 0.75, 1.0], atol=1e-6)
     assert np.all(np.diff(lrs[4:]) <= 1e-7) and abs(lrs[20] - 0.1) < 1e-6
@@ -152,11 +152,11 @@ def test_optimizer_schedule_warmup_then_cosine():
 def test_weight_decay_skips_stacked_norms_and_decays_projections():
     """AdamW decays matrices only: the stacked layers' norm scales are `[layers, H]` (2-D)
     and must not decay; learned hidden-state projections must."""
-    from kdjax.train.state import _decay_mask
+    from kdjax.train.state import decay_mask
 
     params = {"model": nnx.to_pure_dict(nnx.state(Decoder(CFG, rngs=nnx.Rngs(0)), nnx.Param)),
               "proj": {"0_1": jnp.ones((4, 4))}}
-    mask = _decay_mask(params)
+    mask = decay_mask(params)
     layers = mask["model"]["layers"]
     assert params["model"]["layers"]["attn_norm"]["scale"].ndim == 2
     assert layers["attn_norm"]["scale"] is False and layers["mlp"]["up"]["kernel"] is True

@@ -1,19 +1,39 @@
-"""Dict ⇄ frozen-dataclass plumbing for `kdjax.train.config`: typed building with
-nearest-key suggestions, `key.sub=value` overrides, YAML and fingerprints."""
+"""Settings of every command as frozen dataclasses: one loader, one error type, one help.
+
+    config = load(Config, "configs/quickstart.yaml", ["optimizer.lr=1e-3", "steps=50"])
+    print(settings_help(Config))        # every key, its default and its meaning
+
+A command's settings are a (nested) frozen dataclass whose fields check themselves in
+`__post_init__`. This module turns YAML files and `key.sub=value` overrides (values parsed
+as YAML) into one: unknown keys are errors naming the nearest valid key (similar spelling,
+the root dataclass's `ALIASES`, or the same key in another section), values are
+type-checked against the annotations. It imports neither JAX nor any kdjax module and
+reads no file but the YAML it is given, so parsing a command line stays cheap; the root
+dataclass is always passed in, never looked up.
+
+`kdjax train` (`kdjax.train.config.Config`) and `kdjax precompute`
+(`kdjax.teacher.config.PrecomputeConfig`) read their settings through `load`; `--help`
+lists them with `settings_help` (each field's meaning is the string literal under it).
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
 import hashlib
+import inspect
 import json
 import os
+import textwrap
 import types
 import typing
 from typing import Any
 
 import yaml
+
+MISSING = dataclasses.MISSING
 
 
 class ConfigError(ValueError):
@@ -24,12 +44,18 @@ class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type."""
 
 
+# ------------------------------------------------------------------------- checks
+
+
 def check(ok: bool, key: str, message: str) -> None:
+    """Raises `ConfigError("key: message")` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
 def check_choice(value, choices, key: str) -> None:
+    """Raises ConfigError naming `key`, the nearest choice and all of them unless `value`
+    is one of `choices`."""
     if value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -37,70 +63,50 @@ def check_choice(value, choices, key: str) -> None:
                           f"{list(choices)}")
 
 
-def check_layer_map(layer_map: dict, key: str) -> None:
-    for s, t in layer_map.items():
-        ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in (s, t))
-        check(ok, key, f"entries must map a student layer index to a teacher layer index "
-              f"(ints >= 0), got {s!r}: {t!r}")
+def did_you_mean(name: str, candidates) -> str:
+    """` (did you mean 'x'?)` for the candidate nearest `name`, or ``."""
+    hit = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {hit[0]!r}?)" if hit else ""
 
 
-def decoder_config(init: dict, key: str, **section):
-    """`DecoderConfig(**init, **section)` with unknown or conflicting fields and the
-    model's own validation reported against `key`."""
-    from kdjax.models.config import DecoderConfig
-
-    names = [f.name for f in dataclasses.fields(DecoderConfig)]
-    for name in init:
-        if name not in names:
-            raise ConfigError(f"{key}: unknown DecoderConfig field {name!r}"
-                              f"{_did_you_mean(str(name), names)}; valid: {names}")
-        if name in section:
-            raise ConfigError(f"{key}: set {name} on the model section (model.{name}), "
-                              "not inside init")
-    try:
-        return DecoderConfig(**init, **section)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
-def check_kwargs(divergence: str, kwargs: dict, key: str) -> None:
-    """Extra divergence arguments must be keyword arguments of the catalog function."""
-    import inspect
-
-    import kdjax.losses as losses
-
-    fn = getattr(losses, divergence, None)
-    if fn is None:
+def check_dir(path: str | os.PathLike | None, key: str | None, *, what: str = "directory",
+              holds: str | None = None, hint: str = "") -> None:
+    """Raises ConfigError (naming setting `key`, when given) unless `path` (None: not set,
+    nothing to check) is an existing directory, holding the file `holds` when given. For
+    commands to call before they start work; parsing never touches the disk."""
+    if path is None:
         return
-    params = inspect.signature(fn).parameters
-    names = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "temperature"]
-    for name in kwargs:
-        if name not in names:
-            raise ConfigError(f"{key}: {divergence} takes no argument {name!r}"
-                              f"{_did_you_mean(str(name), names)}; it takes {names or 'none'} "
-                              "(temperature is objective.temperature)")
-    missing = [n for n in names if params[n].default is params[n].empty and n not in kwargs]
-    check(not missing, key, f"{divergence} needs {missing}, e.g. "
-          f"objective.divergence_kwargs={{{', '.join(f'{n}: 1.0' for n in missing)}}}")
+    p, name, at = os.path.expanduser(os.fspath(path)), repr(str(path)), f"{key}: " if key else ""
+    if not os.path.exists(p):
+        raise ConfigError(f"{at}{what} {name} does not exist{hint}")
+    if not os.path.isdir(p):
+        raise ConfigError(f"{at}{name} is a file, not a {what}{hint}")
+    if holds and not os.path.exists(os.path.join(p, holds)):
+        raise ConfigError(f"{at}{what} {name} has no {holds}{hint}")
 
 
 # ------------------------------------------------------------------- dataclass build
 
 
 @functools.cache
-def _hints(cls) -> dict[str, Any]:
+def hints(cls) -> dict[str, Any]:
+    """The resolved field annotations of dataclass `cls`."""
     return typing.get_type_hints(cls)
 
 
-def _did_you_mean(name: str, candidates: list[str]) -> str:
-    hit = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f" (did you mean {hit[0]!r}?)" if hit else ""
+def unwrap_optional(tp) -> tuple[Any, bool]:
+    """`(X, True)` for `X | None`, else `(tp, False)`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True  # kdjax configs only use `X | None`
+    return tp, False
 
 
 def _all_paths(cls, prefix: str = "") -> list[str]:
     paths = []
     for field in dataclasses.fields(cls):
-        tp = _unwrap_optional(_hints(cls)[field.name])[0]
+        tp = unwrap_optional(hints(cls)[field.name])[0]
         path = prefix + field.name
         paths.append(path)
         if dataclasses.is_dataclass(tp):
@@ -108,23 +114,12 @@ def _all_paths(cls, prefix: str = "") -> list[str]:
     return paths
 
 
-# Names users bring from other trainers, which string similarity alone would miss.
-ALIASES = {"learning_rate": "lr", "batch_size": "global_batch_size", "num_steps": "steps",
-           "max_steps": "steps", "train_steps": "steps", "temp": "temperature",
-           "warmup": "warmup_steps", "grad_clip": "clip_norm", "max_grad_norm": "clip_norm",
-           "output_dir": "run_dir", "out_dir": "run_dir", "kl": "divergence",
-           "loss": "divergence", "gradient_accumulation_steps": "micro_batches"}
-
-
-def _unknown_key(cls, name: str, prefix: str, root=None) -> ConfigError:
+def _unknown_key(cls, name: str, prefix: str, root) -> ConfigError:
     """The error for key `name` of section `cls`, naming the nearest valid key: an alias
-    (`ALIASES`, plus the root dataclass's own `ALIASES` class attribute), a similar key of
-    the section, or a similar key of another section of `root` (default: the train
-    `Config`)."""
-    if root is None:
-        from kdjax.train.config import Config as root
+    (the root dataclass's `ALIASES` class attribute), a similar key of the section, or a
+    similar key of another section of `root`."""
     names = [f.name for f in dataclasses.fields(cls)]
-    aliases = {**ALIASES, **getattr(root, "ALIASES", {})}
+    aliases = getattr(root, "ALIASES", {})
     hit = ([aliases[name]] if aliases.get(name) in names
            else difflib.get_close_matches(name, names, n=1, cutoff=0.5))
     suggestion = f" (did you mean {prefix + hit[0]!r}?)" if hit else ""
@@ -138,17 +133,9 @@ def _unknown_key(cls, name: str, prefix: str, root=None) -> ConfigError:
                        f"{', '.join(names)}")
 
 
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True  # kdjax configs only use `X | None`
-    return tp, False
-
-
-def _coerce(tp, value, key: str, root=None):
+def _coerce(tp, value, key: str, root):
     """Checks (and mildly converts) a YAML value against a field annotation."""
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
@@ -197,10 +184,10 @@ def _coerce(tp, value, key: str, root=None):
 
 
 def build(cls, data: dict[str, Any], prefix: str = "", *, root=None):
-    """`cls(**data)` with unknown keys, missing required keys and types checked. `root` is
-    the top-level dataclass `cls` belongs to (default: `cls` itself at prefix "", else the
-    train `Config`), searched for the nearest key when one is unknown."""
-    root = cls if root is None and not prefix else root
+    """`cls(**data)` with unknown keys, missing required keys and types checked, sections
+    (nested dataclasses) built from nested mappings. `root` is the top-level dataclass
+    `cls` belongs to (default: `cls`), searched for the nearest key when one is unknown."""
+    root = cls if root is None else root
     if not isinstance(data, dict):
         raise ConfigTypeError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
                               f"{type(data).__name__} {data!r}")
@@ -211,14 +198,11 @@ def build(cls, data: dict[str, Any], prefix: str = "", *, root=None):
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(_hints(cls)[name], data[name], prefix + name, root)
+            kwargs[name] = _coerce(hints(cls)[name], data[name], prefix + name, root)
         elif (field.default is dataclasses.MISSING
               and field.default_factory is dataclasses.MISSING):
             raise ConfigError(f"missing required config key {prefix + name!r}")
     return cls(**kwargs)
-
-
-MISSING = dataclasses.MISSING
 
 
 def field_default(cls, dotted: str):
@@ -234,16 +218,19 @@ def field_default(cls, dotted: str):
         if part not in fields:
             return MISSING, False
         field = fields[part]
-        tp = _unwrap_optional(_hints(tp)[part])[0]
-        if field.default is not MISSING:
-            default = field.default
-        elif field.default_factory is not MISSING:
-            default = field.default_factory()
-        else:
-            default = MISSING
+        tp = unwrap_optional(hints(tp)[part])[0]
+        default = _default(field)
     if dataclasses.is_dataclass(default):
         default = dataclasses.asdict(default)
     return default, True
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not MISSING:
+        return field.default
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    return MISSING
 
 
 # ------------------------------------------------------------------------ overrides
@@ -251,7 +238,7 @@ def field_default(cls, dotted: str):
 
 def set_override(cls, data: dict[str, Any], item: str) -> None:
     """Applies one `a.b.c=value` override (value parsed as YAML) to a raw config dict,
-    checking the key path against the dataclass schema `cls`."""
+    checking the key path against the dataclass schema `cls` (the root)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -270,7 +257,7 @@ def set_override(cls, data: dict[str, Any], item: str) -> None:
             if part not in [f.name for f in dataclasses.fields(tp)]:
                 raise _unknown_key(tp, part, prefix, cls)
             name: Any = part
-            sub = _unwrap_optional(_hints(tp)[part])[0]
+            sub = unwrap_optional(hints(tp)[part])[0]
             tp = sub if dataclasses.is_dataclass(sub) else (
                 dict if (typing.get_origin(sub) or sub) is dict else None)
         elif tp is dict:  # free-form mapping (divergence_kwargs, init, layer_map)
@@ -289,36 +276,22 @@ def set_override(cls, data: dict[str, Any], item: str) -> None:
 # ----------------------------------------------------------------------------- io
 
 
-def load(cls, path: str | os.PathLike | None, overrides=()):
-    """A validated `cls` from a YAML file (optional) with `key.sub=value` overrides applied
-    in order: the one loader of `kdjax train` and `kdjax precompute` settings.
+def load(cls, path: str | os.PathLike | None = None, overrides=(), *, base=None):
+    """A validated `cls` from a YAML file (optional; `base`, a mapping, instead) with
+    `key.sub=value` overrides applied in order: the one loader of every command.
 
     Raises:
       ConfigError: a missing or malformed file, an unknown key (naming the nearest valid
         one), a bad type or value, with the key and the value seen.
     """
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else dict(base or {})
     for item in overrides:
         set_override(cls, data, item)
     return build(cls, data)
 
 
-def check_dir(path: str | os.PathLike | None, key: str | None, *, what: str = "directory",
-              holds: str | None = None, hint: str = "") -> None:
-    """Raises ConfigError (naming setting `key`, when given) unless `path` (None: not set,
-    nothing to check) is an existing directory, holding the file `holds` when given."""
-    if path is None:
-        return
-    p, name, at = os.path.expanduser(os.fspath(path)), repr(str(path)), f"{key}: " if key else ""
-    if not os.path.exists(p):
-        raise ConfigError(f"{at}{what} {name} does not exist{hint}")
-    if not os.path.isdir(p):
-        raise ConfigError(f"{at}{name} is a file, not a {what}{hint}")
-    if holds and not os.path.exists(os.path.join(p, holds)):
-        raise ConfigError(f"{at}{what} {name} has no {holds}{hint}")
-
-
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds (ConfigError if it is missing or not one)."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -342,3 +315,67 @@ def fingerprint(data: dict[str, Any]) -> str:
     """sha256 hex of canonical JSON (sorted keys; int dict keys become strings)."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- help text
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its attribute docstring, on one line} of dataclass `cls` (the string
+    literal written under the field, as Sphinx reads them); missing ones are absent."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (e.g. a frozen build): no meanings
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def format_value(value) -> str:
+    """A default as it would be written in YAML / on the command line."""
+    if value is MISSING:
+        return "required"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or "''"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def settings(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) of every leaf setting of dataclass `cls`; sections
+    (nested dataclasses) are expanded in place."""
+    out = []
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        tp = unwrap_optional(hints(cls)[field.name])[0]
+        key = prefix + field.name
+        if dataclasses.is_dataclass(tp):
+            out.extend(settings(tp, key + "."))
+        else:
+            out.append((key, format_value(_default(field)), docs.get(field.name, "")))
+    return out
+
+
+def settings_help(cls, *, width: int = 92, title: str = "settings") -> str:
+    """Help text listing every setting of `cls`: `key (default: X)` and its meaning."""
+    lines = [f"{title} (key=value on the command line, or keys of the --config YAML file):"]
+    for key, default, meaning in settings(cls):
+        head = f"  {key} (default: {default})"
+        text = f"{head}: {meaning}" if meaning else head
+        lines.extend(textwrap.wrap(text, width, subsequent_indent="      ",
+                                   break_on_hyphens=False))
+    return "\n".join(lines)

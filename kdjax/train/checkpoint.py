@@ -238,17 +238,28 @@ def write_run_config(config: Config) -> str:
 
 
 def student_decoder_config(config: Config):
-    """The student's `DecoderConfig`: `model.init`, or the HF `config.json` at
-    `model.path`, with the run's dtypes."""
-    if config.model.init is not None:
-        return config.model.decoder_config()
+    """The student's `DecoderConfig`: `model.init`, or the checkpoint's config at
+    `model.path` (HF directory or `.gguf`), or the teacher's at `model.init_from` with
+    len(keep_layers) layers; with the run's dtypes."""
+    m = config.model
+    if m.init is not None:
+        return m.decoder_config()
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from kdjax.models import DecoderConfig
 
-    return DecoderConfig.from_hf(AutoConfig.from_pretrained(config.model.path),
-                                 dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype)
+    path = Path(m.path or m.init_from)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        from kdjax.models.gguf import load_hf_config
+
+        hf_config = load_hf_config(path)
+    else:
+        hf_config = AutoConfig.from_pretrained(path)
+    layers = {} if m.keep_layers is None else {"num_layers": len(m.keep_layers)}
+    return DecoderConfig.from_hf(hf_config, dtype=m.dtype, param_dtype=m.param_dtype,
+                                 **layers)
 
 
 def restore_student(config: Config, step: int | None = None):

@@ -93,13 +93,19 @@ def check_paths(config) -> None:
     """Refuses (ConfigError naming the key) a run whose directories do not exist, before
     anything is built: the model and teacher directories, the token stores (unless packed
     from `data.dataset` first) and the teacher stores."""
-    from kdjax.schema import check_dir
+    from kdjax.schema import ConfigError, check_dir
 
-    hf = "; pass a local Hugging Face model directory (config.json and *.safetensors)"
-    check_dir(config.model.path, "model.path", what="model directory", holds="config.json",
-              hint=hf)
-    check_dir(config.teacher.path, "teacher.path", what="teacher directory",
-              holds="config.json", hint=hf)
+    hf = ("; pass a local Hugging Face model directory (config.json and *.safetensors) or a "
+          ".gguf file")
+    for key, what in (("model.path", "model directory"), ("model.init_from", "teacher "
+                      "directory"), ("teacher.path", "teacher directory")):
+        section, name = key.split(".")
+        path = getattr(getattr(config, section), name)
+        if path is not None and str(path).lower().endswith(".gguf"):
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise ConfigError(f"{key}: GGUF file {str(path)!r} does not exist")
+            continue
+        check_dir(path, key, what=what, holds="config.json", hint=hf)
     data = config.data
     if data.dataset is None:
         pack = "; pack one with `kdjax pack` (or set data.dataset to pack it first)"

@@ -74,12 +74,20 @@ def _hf_field(path: str | None, name: str) -> int | None:
 
 @_frozen
 class ModelConfig:
-    """The student: loaded from a Hugging Face directory or built from scratch."""
+    """The student: loaded from a checkpoint, taken from some of the teacher's layers, or
+    built from scratch (exactly one of path, init_from, init)."""
 
     path: str | None = None
-    """HF checkpoint directory (or kdjax `export` output) to start from; None with `init`."""
+    """HF checkpoint directory (or kdjax `export` output, or a `.gguf` file) to start from."""
     init: dict | None = None
     """Inline `kdjax.models.DecoderConfig` fields to train from scratch (random init)."""
+    init_from: str | None = None
+    """A teacher checkpoint (HF directory or `.gguf` file) whose embeddings, final norm,
+    lm_head and `keep_layers` start the student (DistilBERT / Minitron-style depth
+    pruning; `kdjax.models.init_from_teacher`)."""
+    keep_layers: list | None = None
+    """With init_from: the teacher layers the student keeps, strictly increasing, e.g.
+    [0, 3, 6, 9] (the student has len(keep_layers) layers)."""
     dtype: str = "bfloat16"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"
@@ -94,9 +102,20 @@ class ModelConfig:
     false runs a Python loop over them (same values)."""
 
     def __post_init__(self):
-        check((self.path is None) != (self.init is None), "model",
-              "give exactly one of model.path (a Hugging Face directory) or model.init "
-              f"(inline DecoderConfig fields); got path={self.path!r}, init={self.init!r}")
+        given = [k for k in ("path", "init", "init_from") if getattr(self, k) is not None]
+        check(len(given) == 1, "model",
+              "give exactly one of model.path (a Hugging Face directory), model.init "
+              "(inline DecoderConfig fields) or model.init_from (a teacher checkpoint, with "
+              f"model.keep_layers); got {', '.join(given) or 'none'}")
+        check((self.keep_layers is not None) == (self.init_from is not None),
+              "model.keep_layers", "goes with model.init_from (the teacher layers the "
+              f"student keeps, e.g. [0, 3, 6]); got keep_layers={self.keep_layers!r}")
+        if self.keep_layers is not None:
+            keep = self.keep_layers
+            ints = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in keep)
+            check(bool(keep) and ints and all(a < b for a, b in zip(keep, keep[1:])),
+                  "model.keep_layers", "must be a non-empty, strictly increasing list of "
+                  f"teacher layer indices (ints >= 0), e.g. [0, 3, 6]; got {keep!r}")
         check_choice(self.dtype, DTYPES, "model.dtype")
         check_choice(self.param_dtype, DTYPES, "model.param_dtype")
         check_choice(self.remat, REMAT_POLICIES, "model.remat")
@@ -109,13 +128,15 @@ class ModelConfig:
         """Known vocabulary size (from `init` or the local `config.json`), else None."""
         if self.init is not None:
             return self.init.get("vocab_size")
-        return _hf_field(self.path, "vocab_size")
+        return _hf_field(self.path or self.init_from, "vocab_size")
 
     @property
     def num_layers(self) -> int | None:
         """Known number of decoder blocks, else None."""
         if self.init is not None:
             return self.init.get("num_layers")
+        if self.keep_layers is not None:
+            return len(self.keep_layers)
         return _hf_field(self.path, "num_hidden_layers")
 
     def decoder_config(self):

@@ -36,13 +36,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_student(config: Config, mesh) -> nnx.Module:
-    """The student Decoder: from a HF directory (`model.path`) or random init (`model.init`),
-    either way created directly in its sharding on `mesh` (no host or one-device copy)."""
+    """The student Decoder: from a checkpoint (`model.path`), from the teacher's layers
+    (`model.init_from` + `keep_layers`) or random init (`model.init`), each created
+    directly in its sharding on `mesh` (no host or one-device copy)."""
     from kdjax import models
 
     m = config.model
     if m.path is not None:
         return models.from_pretrained(m.path, mesh=mesh, **m.overrides())
+    if m.init_from is not None:
+        return models.init_from_teacher(m.init_from, m.keep_layers, mesh=mesh,
+                                        **m.overrides())
     return models.init_decoder(m.decoder_config(), seed=config.seed, mesh=mesh)
 
 

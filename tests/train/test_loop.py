@@ -55,3 +55,49 @@ def test_random_student_is_created_sharded(tmp_path):
     sharding = model.embed[...].sharding
     assert sharding.mesh.shape == mesh.shape and "fsdp" in str(sharding.spec)
     assert model.embed[...].addressable_shards[0].data.shape == (40, 2)  # embed 16 / 8
+
+
+def test_student_from_teacher_layers(tmp_path):
+    """model.init_from + keep_layers: the student starts from the teacher's chosen layers,
+    its config (for export) says so, and bad settings are refused at load time."""
+    from flax import nnx
+
+    from kdjax.models import Decoder, DecoderConfig, save_pretrained
+    from kdjax.schema import ConfigError
+    from kdjax.train.checkpoint import student_decoder_config
+
+    teacher = Decoder(DecoderConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                    num_layers=4, num_heads=2), rngs=nnx.Rngs(3))
+    save_pretrained(teacher, tmp_path / "teacher")
+    base = _config(tmp_path).to_dict()
+    base["model"] = {"init_from": str(tmp_path / "teacher"), "keep_layers": [0, 3],
+                     "dtype": "float32"}
+    config = config_from_dict(base)
+    assert config.model.num_layers == 2 and config.model.vocab_size == 40
+    student = build_student(config, mesh=None)
+    assert student_decoder_config(config) == student.config
+    assert student.config.num_layers == 2
+    for name in ("attn/q/kernel", "mlp/down/kernel"):  # stacked [layers, ...]: rows 0 and 3
+        got = np.asarray(_leaf(student, name))
+        want = np.asarray(_leaf(teacher, name))[[0, 3]]
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(student.embed[...]), np.asarray(teacher.embed[...]))
+
+    for model, match in [
+        ({"init_from": "t", "keep_layers": [2, 1]}, r"model.keep_layers: must be a non-empty, "
+         r"strictly increasing .* got \[2, 1\]"),
+        ({"init_from": "t"}, r"model.keep_layers: goes with model.init_from"),
+        ({"path": "p", "init_from": "t", "keep_layers": [0]},
+         r"exactly one of .*; got path, init_from"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({**base, "model": model})
+
+
+def _leaf(model, name):
+    from flax import nnx
+
+    hits = [v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if name in "/".join(map(str, path))]
+    assert len(hits) == 1, (name, len(hits))
+    return hits[0][...]

@@ -22,7 +22,6 @@ Builds a synthetic token store (L tokens/row) and a sampled-teacher-like store
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import statistics
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common as bc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,9 +265,9 @@ def measure(args, files, stores, ts_stores, ab_stores=None) -> dict[str, float]:
     return med
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+def build_parser(parser=None):
+    p = bc.new_parser(__doc__, parser)
+    p.add_argument("--quick", action="store_true", help="small stores, few steps (seconds)")
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--slots", type=int, default=16, help="U: sampled-teacher slots")
@@ -280,8 +280,11 @@ def main(argv=None) -> int:
     p.add_argument("--dir", help="where to build the stores (default: a temp dir)")
     p.add_argument("--ab-reader", help="also time `local_batch` with the row reader of this "
                    "shardread.py file (extra row, alternating with the others)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.md"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=str(bc.RESULTS / "loader.md"))
+    return p
+
+
+def run(args, argv) -> int:
     if args.quick:
         args.rows, args.seq_len, args.batch, args.steps, args.rounds = 256, 256, 16, 8, 2
         args.shard_rows = 64
@@ -297,10 +300,7 @@ def main(argv=None) -> int:
           f"in {time.perf_counter() - t0:.1f}s")
     ab = open_with_reader(root, args.ab_reader) if args.ab_reader else None
     m = measure(args, files, (store, teacher), open_tensorstore_only(root), ab)
-    text = report(args, m, row_bytes, argv)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    bc.write(report(args, m, row_bytes, argv), args.out)
     tmp.cleanup()
     return 0
 
@@ -336,14 +336,13 @@ def report(args, m: dict[str, float], row_bytes: float, argv) -> str:
         ("train-like step, real loader (`iter_from`)", *ms("real", ""), *ms("real", "_cpu")),
     ]
     ids = np.dtype(id_dtype(args.vocab)).name
-    cmd = "python benchmarks/loader.py " + " ".join(argv if argv is not None else sys.argv[1:])
     return "\n".join([
-        "## Loader", "", f"Command: `{cmd.strip()}`", "",
+        "## Loader", "", f"Command: `{bc.command('loader.py', argv)}`", "",
         f"Setup: {args.rows} rows × L={args.seq_len}; token store (tokens {ids}, segment_ids, "
         f"loss_mask; record layout) + sampled-teacher layout (ids {ids} [L, {args.slots}], "
         f"counts uint8 [L, {args.slots}]; one zarr array each); {row_bytes / 1024:.1f} KiB/row "
         f"on disk; global batch {args.batch}, shuffled rows; {len(jax.devices())} "
-        f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU cores; medians of "
+        f"{jax.devices()[0].platform} device(s); {bc.machine()}; medians of "
         f"{args.rounds} interleaved rounds of {max(2, args.steps // args.rounds)} steps.", "",
         "| measurement | wall | ratio | CPU time | ratio |", "|---|---|---|---|---|",
         *[f"| {' | '.join(r)} |" for r in table], "",
@@ -355,4 +354,4 @@ def report(args, m: dict[str, float], row_bytes: float, argv) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.main(build_parser, run))

@@ -37,21 +37,27 @@ def torch_kl_step(h, w, t, temperature=1.0):
     return loss.detach(), h.grad, w.grad
 
 
-def trl_generalized_jsd_loss(student_logits, teacher_logits, beta=0.5, temperature=1.0):
-    """TRL GKDTrainer.generalized_jsd_loss (beta weights the teacher), mean over tokens."""
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+def trl_generalized_jsd(s, t, beta, temperature=1.0):
+    """TRL GKDTrainer.generalized_jsd_loss (v0.x; beta weights the teacher), per token,
+    without reduction: `[..., V]` student and teacher logits → `[...]`. Also the oracle of
+    tests/losses/test_torch_crosscheck.py."""
+    ls, lt = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
     if beta == 0:
-        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
     elif beta == 1:
-        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
     else:
-        b = torch.tensor(beta, dtype=s.dtype)
-        mix = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
-        kl_teacher = F.kl_div(mix, t, reduction="none", log_target=True)
-        kl_student = F.kl_div(mix, s, reduction="none", log_target=True)
-        jsd = beta * kl_teacher + (1 - beta) * kl_student
-    return jsd.sum() / jsd.size(0)
+        b = torch.tensor(beta, dtype=ls.dtype)
+        mixture = torch.logsumexp(torch.stack([ls + torch.log(1 - b), lt + torch.log(b)]), dim=0)
+        kl_teacher = F.kl_div(mixture, lt, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture, ls, reduction="none", log_target=True)
+        jsd = b * kl_teacher + (1 - b) * kl_student
+    return jsd.sum(-1)
+
+
+def trl_generalized_jsd_loss(student_logits, teacher_logits, beta=0.5, temperature=1.0):
+    """`trl_generalized_jsd` with TRL's "batchmean" reduction (here: mean over tokens)."""
+    return trl_generalized_jsd(student_logits, teacher_logits, beta, temperature).mean()
 
 
 def trl_jsd_step(h, w, t, beta=0.5):

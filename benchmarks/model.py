@@ -2,9 +2,9 @@
 CPU, kdjax vs the same transformers torch model (same weights, same batch, one run),
 and sampler (KV-cache greedy generation) tokens/s for both.
 
-    python benchmarks/model.py                 # full measurement (a few minutes)
+    python benchmarks/model.py --single-thread --out benchmarks/results/model.md
+    python benchmarks/model.py --out benchmarks/results/model_2cores.md  # all cores
     python benchmarks/model.py --quick         # smoke run, seconds
-    python benchmarks/model.py --out benchmarks/results/model.md
 
 Both sides run in float32. The train-step number is the median over `--repeats` of one
 `loss, grads = value_and_grad(next-token CE)` (kdjax: one jitted function; torch:
@@ -14,22 +14,10 @@ Both sides run in float32. The train-step number is the median over `--repeats` 
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
-if "--single-thread" in sys.argv:  # must precede the jax import
-    # XLA's CPU runtime also splits loop/YNN fusions over its own thread pool (sized from
-    # the visible cores), which the Eigen flag does not control; pinning the process to
-    # one core is what makes "one thread each" true for both XLA and torch.
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false")
-
+import bench_common as bc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,51 +26,22 @@ from flax import nnx
 from kdjax.models import DecoderConfig, from_pretrained, generate
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(parser=None):
+    p = bc.new_parser(__doc__, parser)
     p.add_argument("--quick", action="store_true", help="tiny batch, 2 repeats")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=5)
+    bc.add_shape_flags(p, layers=8, hidden=384, vocab=8192, batch=4, seq=256, repeats=5)
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--gen-prompt", type=int, default=32)
     p.add_argument("--gen-new", type=int, default=64)
     p.add_argument("--single-thread", action="store_true",
                    help="pin the process to one core: one thread for both XLA and torch")
-    p.add_argument("--out", default=None, help="write a markdown section here")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.seq, args.repeats = 2, 64, 2
-        args.gen_batch, args.gen_prompt, args.gen_new = 2, 8, 8
-    return args
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `fn()` after one warm-up call (fn must block until done)."""
-    return timed_interleaved([fn], repeats)[0]
-
-
-def timed_interleaved(fns, repeats: int) -> list[float]:
-    """Median seconds of each fn, after a warm-up of each, alternating the calls so that
-    changes in load on a shared machine hit every contestant alike."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return p
 
 
 def matmul_ceiling(n: int = 1024, repeats: int = 5) -> float:
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)
+    return 2 * n**3 / bc.timed(lambda: f(a).block_until_ready(), repeats)
 
 
 def build(args, path):
@@ -149,14 +108,18 @@ def bench_generate(model, torch_model, args):
                                  max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
                                  do_sample=False, pad_token_id=0)
 
-    return timed_interleaved([run_kdjax, run_torch], max(1, args.repeats // 2))
+    return bc.timed_interleaved([run_kdjax, run_torch], max(1, args.repeats // 2))
 
 
-def main(argv=None) -> int:
+def run(args, argv) -> int:
+    if args.single_thread:
+        bc.single_thread()
+    if args.quick:
+        args.batch, args.seq, args.repeats = 2, 64, 2
+        args.gen_batch, args.gen_prompt, args.gen_new = 2, 8, 8
     import torch
 
-    args = parse_args(argv)
-    args.threads = 1 if args.single_thread else os.cpu_count()
+    args.threads = bc.threads()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         torch_model, model = build(args, tmp)
@@ -170,7 +133,7 @@ def main(argv=None) -> int:
           f"{cfg.vocab_size}); batch {args.batch} x {args.seq} = {ntok} tokens")
     ceiling = matmul_ceiling()
     kd_step, mem = kdjax_step(model, tokens)
-    kd_s, th_s = timed_interleaved([kd_step, torch_step(torch_model, tokens)], args.repeats)
+    kd_s, th_s = bc.timed_interleaved([kd_step, torch_step(torch_model, tokens)], args.repeats)
     flops = 6 * n_params * ntok + 12 * cfg.num_layers * cfg.hidden_size * args.seq * ntok
     gen_kd, gen_th = bench_generate(model, torch_model, args)
     gen_tok = args.gen_batch * args.gen_new
@@ -184,32 +147,28 @@ def main(argv=None) -> int:
     ]
     temp_mb = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else float("nan")
     lines = [
-        "## Model (`benchmarks/model.py`)", "",
-        f"Command: `python benchmarks/model.py {' '.join(argv or sys.argv[1:])}`".rstrip(), "",
+        f"## Model (`benchmarks/model.py`, {args.threads} thread(s) each)", "",
+        f"Command: `{bc.command('model.py', argv)}`", "",
         f"{n_params / 1e6:.1f}M-param Llama-style student ({cfg.num_layers} layers, hidden "
         f"{cfg.hidden_size}, GQA {cfg.num_heads}/{cfg.num_kv_heads} heads, vocab "
         f"{cfg.vocab_size}), float32, batch {args.batch} x {args.seq} tokens; generation: "
         f"batch {args.gen_batch}, prompt {args.gen_prompt}, {args.gen_new} new tokens. "
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(load average {os.getloadavg()[0]:.1f} when written; ~1 is this benchmark "
-        f"alone), jax {jax.__version__}, torch "
-        f"{torch.__version__}, {args.threads} thread(s) each. Median of {args.repeats} "
+        f"{bc.machine(torch_version=True)}; {args.threads} thread(s) each (a "
+        f"load average of ~{args.threads} is this benchmark alone). Median of {args.repeats} "
         "interleaved calls after warm-up.", "",
         "| what | tokens/s | ms per call | GFLOP/s (of f32 matmul ceiling) |",
         "|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
-        f"kdjax / torch training-step throughput: **{th_s / kd_s:.2f}x**; generation: "
-        f"**{gen_th / gen_kd:.2f}x**. Matmul ceiling {ceiling / 1e9:.1f} GFLOP/s. "
+        f"kdjax / torch training-step throughput: **{th_s / kd_s:.2f}x** (the same "
+        "next-token-CE forward+backward, no optimizer: one jitted kdjax function vs eager "
+        "transformers torch, same weights, batch and thread count); generation: "
+        f"**{gen_th / gen_kd:.2f}x** (greedy KV-cache decoding, same prompts). Matmul "
+        f"ceiling {ceiling / 1e9:.1f} GFLOP/s. "
         f"kdjax step compiled temp memory: {temp_mb:.0f} MiB.", "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    bc.write("\n".join(lines), args.out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.main(build_parser, run))

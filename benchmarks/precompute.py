@@ -23,16 +23,15 @@ nearer real teachers, e.g. ~7% for Llama-3-8B):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_common as bc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,8 +209,8 @@ def bytes_table(args, root: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(parser=None):
+    p = bc.new_parser(__doc__, parser)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
     p.add_argument("--vocab", type=int, default=32_000)
     p.add_argument("--teacher", nargs="+", default=list(TEACHERS), choices=list(TEACHERS),
@@ -226,8 +225,11 @@ def main() -> None:
     p.add_argument("--disk-len", type=int, default=64, help="row length of the disk stores")
     p.add_argument("--modes", nargs="+", default=["sampled N=64 U=32", "topk K=32",
                                                   "dense bf16"], choices=list(MODES))
-    p.add_argument("--out", default="benchmarks/results/precompute.md")
-    args = p.parse_args()
+    p.add_argument("--out", default=str(bc.RESULTS / "precompute.md"))
+    return p
+
+
+def run(args, argv) -> int:
     if args.quick:
         args.vocab, args.hidden, args.layers, args.seq_len = 4096, 128, 2, 64
         args.rows, args.repeats, args.disk_len, args.shard_rows = 16, 1, 8, 8
@@ -235,18 +237,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lines = [line for name in args.teacher for line in throughput(args, Path(tmp), name)]
         table = bytes_table(args, Path(tmp))
-    cmd = " ".join(["python benchmarks/precompute.py", *map(shlex.quote, sys.argv[1:])])
     text = "\n".join(["## Teacher precompute" + (" (quick)" if args.quick else ""), "",
-                      f"Command: `{cmd}`", "", "### Throughput (steady state, after "
+                      f"Command: `{bc.command('precompute.py', argv)}`", "",
+                      f"{bc.machine()}.", "", "### Throughput (steady state, after "
                       "compilation; median of repeats)", "", *lines, "",
                       "### Bytes per token (teacher signal; ids in the smallest unsigned "
                       "dtype that holds V)", "", *table, ""])
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {os.path.abspath(args.out)}")
+    bc.write(text, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bc.main(build_parser, run))

@@ -16,7 +16,6 @@ cores, so this shows the work is divided, not a speed-up).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform as host
 import statistics
@@ -24,16 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-if "--measure" not in sys.argv:  # fake CPU devices must be requested before JAX starts
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_common as bc
 import jax
 import jax.numpy as jnp
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdjax.compile import chips, report, steps
 from kdjax.compile.cli import compile_config
@@ -214,33 +208,47 @@ def measure(overrides) -> list[str]:
             f"{'-' if measured is None else f'{100 * measured:.1f}%'} |"]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def fake_cpu_devices(n: int = 8) -> None:
+    """CPU-only JAX with `n` devices, set before JAX starts its backend."""
+    if bc.backend_started():
+        raise ValueError("benchmarks/scale.py needs 8 fake CPU devices, which must be set "
+                         "before JAX starts its backend")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # also for `kdjax compile` subprocesses
+    if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def build_parser(parser=None):
+    p = bc.new_parser(__doc__, parser)
     p.add_argument("--quick", action="store_true", help="one shrunk compile + fake devices")
     p.add_argument("--measure", action="store_true", help="on an accelerator: run the train "
                    "step and report measured MFU next to the estimate")
     p.add_argument("--measure-overrides", nargs="*", default=[
         "global_batch_size=8", "data.seq_len=2048", "mesh.data=1", "mesh.fsdp=-1"],
                    help="overrides of the Llama config for --measure")
-    p.add_argument("--out", default="benchmarks/results/scale.md")
-    args = p.parse_args(argv)
-    command = "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:])
-    text = [f"# Scale: `kdjax compile` for TPU slices\n\nCommand: `{command}`  \n"
+    p.add_argument("--out", default=str(bc.RESULTS / "scale.md"))
+    return p
+
+
+def run(args, argv) -> int:
+    if not args.measure:
+        fake_cpu_devices()
+    command = bc.command("scale.py", argv)
+    text = [f"## Scale: `kdjax compile` for TPU slices\n\nCommand: `{command}`  \n"
             f"Host: {host.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; every "
             "MFU here is a roofline ESTIMATE from vendor ceilings unless marked measured.\n"]
     if args.measure:
-        text += ["## Measured on this accelerator", ""] + measure(args.measure_overrides)
+        text += ["### Measured on this accelerator", ""] + measure(args.measure_overrides)
     else:
-        text += ["## TPU slices (ahead of time, libtpu on this CPU host)", ""]
+        text += ["### TPU slices (ahead of time, libtpu on this CPU host)", ""]
         text += tpu_table(QUICK if args.quick else CASES) + ["", LEGEND]
-        text += ["", "## 8 fake CPU devices vs 1 (they share the host's cores: per-device "
+        text += ["", "### 8 fake CPU devices vs 1 (they share the host's cores: per-device "
                  "FLOPs and memory divide, the step time does not)", ""] + fake_devices()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(text) + "\n")
-    print("\n".join(text))
+    bc.write("\n".join(text) + "\n", args.out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.main(build_parser, run))

@@ -1,9 +1,8 @@
 """Compile time of a deep decoder's forward+backward: layers scanned (`scan_layers=True`,
 the default) vs a Python loop over the same stacked parameters, on CPU.
 
-    python benchmarks/scan_compile.py                    # 32 layers, a few minutes
+    python benchmarks/scan_compile.py --out benchmarks/results/scan_compile.md  # 32 layers
     python benchmarks/scan_compile.py --quick            # 4 layers, seconds
-    python benchmarks/scan_compile.py --out benchmarks/results/scan_compile.md
 
 Each repeat builds a fresh `jax.jit` of `value_and_grad(next-token CE)` (no tracing or
 compilation cache is shared between repeats), then times `lower` (trace + StableHLO)
@@ -15,14 +14,11 @@ scan costs or saves at run time on the same machine.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 
+import bench_common as bc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,24 +27,15 @@ from flax import nnx
 from kdjax.models import DecoderConfig, init_decoder
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=128)
+def build_parser(parser=None):
+    p = bc.new_parser(__doc__, parser)
+    p.add_argument("--quick", action="store_true", help="4 layers, 1 repeat")
+    bc.add_shape_flags(p, layers=32, hidden=128, vocab=1024, batch=2, seq=128, repeats=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--remat", default="full", help="none | full | dots | dots_no_batch")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="4 layers, 1 repeat")
-    p.add_argument("--out", default=None, help="write a markdown section here")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.repeats, args.steps = 4, 1, 2
-    return args
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    return p
 
 
 def config(args, scan: bool) -> DecoderConfig:
@@ -96,19 +83,18 @@ def measure(args, scan: bool) -> dict:
                 step_ms=1e3 * statistics.median(times))
 
 
-def report(args, rows: dict) -> str:
+def report(args, rows: dict, argv) -> str:
     scan, loop = rows["scan"], rows["loop"]
     total = {k: v["lower"] + v["compile"] for k, v in rows.items()}
     lines = [
         "## Scan compile time (`benchmarks/scan_compile.py`)",
         "",
-        f"Command: `python {shlex.join(sys.argv)}`",
+        f"Command: `{bc.command('scan_compile.py', argv)}`",
         "",
         f"{args.layers}-layer decoder (hidden {args.hidden}, GQA {args.heads}/{args.kv_heads} "
         f"heads, MLP {4 * args.hidden}, vocab {args.vocab}), float32, remat={args.remat!r}, "
         f"forward+backward of next-token CE on batch {args.batch} x {args.seq}. "
-        f"CPU: {platform.machine()}, {os.cpu_count()} cores (load average "
-        f"{os.getloadavg()[0]:.1f} when written), jax {jax.__version__}. Wall clock, "
+        f"{bc.machine()}. Wall clock, "
         f"median of {args.repeats} fresh `jax.jit`s; step time median of {args.steps} calls.",
         "",
         "| layers run by | lower s | compile s | total s | StableHLO KiB | optimized HLO KiB "
@@ -126,15 +112,13 @@ def report(args, rows: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args, argv) -> int:
+    if args.quick:
+        args.layers, args.repeats, args.steps = 4, 1, 2
     rows = {"scan": measure(args, True), "loop": measure(args, False)}
-    text = report(args, rows)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    bc.write(report(args, rows, argv), args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bc.main(build_parser, run))

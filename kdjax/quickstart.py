@@ -16,7 +16,8 @@
    agreement) in a table, `report.md` and `quickstart.png`.
 
 The student corpus is small and trained for many epochs on purpose: that is where a
-hard-label student overfits and distillation helps most. On 2 CPU cores it takes ~5 min.
+hard-label student overfits and distillation helps most. Its run time on 2 CPU cores is
+measured in README.md ("Set up and run", next to the command).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.losses_baselines import trl_generalized_jsd  # TRL's formula, ported
 from kdjax import losses as L
 from tests.tolerances import TOL, assert_close
 
@@ -25,23 +26,6 @@ def torch_forward_kl(s, t, temperature):
 def torch_reverse_kl(s, t, temperature):
     ls, lt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
     return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)  # KL(q‖p)
-
-
-def trl_generalized_jsd(s, t, beta, temperature):
-    """TRL GKDTrainer.generalized_jsd_loss (v0.x), per token, without reduction."""
-    s, t = s / temperature, t / temperature
-    ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    if beta == 0:
-        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
-    else:
-        b = torch.tensor(beta, dtype=ls.dtype)
-        mixture = torch.logsumexp(torch.stack([ls + torch.log(1 - b), lt + torch.log(b)]), dim=0)
-        kl_teacher = F.kl_div(mixture, lt, reduction="none", log_target=True)
-        kl_student = F.kl_div(mixture, ls, reduction="none", log_target=True)
-        jsd = b * kl_teacher + (1 - b) * kl_student
-    return jsd.sum(-1)
 
 
 def trl_dpo_sigmoid(pc, pr, rc, rr, beta, label_smoothing):

@@ -13,7 +13,6 @@ import numpy as np
 from tqdm import tqdm
 
 from kdjax import losses as L
-from kdjax.losses.fused.distill import fused_distill_impl
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 F32 = jnp.float32
@@ -95,7 +94,7 @@ def naive_kl(h, w, t):
 
 def fused_loss(divergence, mode, chunk, **kw):
     def f(h, w, t):
-        return fused_distill_impl(h, w, t, divergence=divergence, grad_mode=mode,
+        return L.fused_distill(h, w, t, divergence=divergence, grad_mode=mode,
                                   chunk_size=chunk, **kw)[0].mean()
     return f
 

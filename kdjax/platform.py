@@ -85,13 +85,6 @@ def pin_weight_grad_transpose(k: int, m: int) -> bool:
     return is_cpu() and k * m >= 2**18
 
 
-def slice_16bit_as_bits() -> bool:
-    """Carry 16-bit floats through the fused loss's chunk loop as uint16 bits: XLA:CPU's
-    float normalization upcasts a whole bf16 `[N, V]` teacher to f32 before a dynamic
-    slice of it. GPU/TPU slice bf16 natively."""
-    return is_cpu()
-
-
 def row_view_reductions() -> bool:
     """Reduce over the last axis on a 2-D `[rows, last]` view: XLA:CPU reduces arrays
     with a leading axis of size 1 up to ~6x slower. The reshape merges batch axes, which

@@ -18,9 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from kdjax.data.generated import (
+    check_generated_tokenizer,
+    generated_docs,
+    load_generated,
+    read_generated_manifest,
+)
 from kdjax.data.pack import fill_rows, plan_packing
 from kdjax.data.sources import load_source
 from kdjax.data.token_store import KIND, data_fingerprint, rows_digest, token_arrays
@@ -44,6 +51,32 @@ def _jax_started() -> bool:
             or distributed.global_state.client is not None)
 
 
+def _limit(ds, max_docs: int | None):
+    """The first `max_docs` examples of a Dataset or IterableDataset (all with None)."""
+    import datasets
+
+    if max_docs is None:
+        return ds
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.take(max_docs)
+    return ds.select(range(min(max_docs, len(ds))))
+
+
+def _num_proc(ds, num_proc: int | None) -> int | None:
+    """Tokenizer processes: all cores (at most 16) for a Dataset of >= 20k examples when
+    not given; in-process when JAX runs here (forking it can deadlock)."""
+    import datasets
+
+    if num_proc is None and not isinstance(ds, datasets.IterableDataset) and len(ds) >= 20_000:
+        num_proc = min(os.cpu_count() or 1, 16)  # worth the process start-up cost
+    if num_proc and num_proc > 1 and _jax_started():
+        log.info("JAX (a backend or jax.distributed) runs in this process and forking it "
+                 "can deadlock; tokenizing in-process (run `kdjax pack` as a single process "
+                 "for parallel tokenization)")
+        num_proc = None
+    return num_proc
+
+
 def _materialize(docs, progress: bool, cache_dir: str | None):
     """An IterableDataset of documents → an Arrow Dataset written to the `datasets` cache
     (constant memory), so it can be packed with random access and a known row count."""
@@ -59,14 +92,17 @@ def _materialize(docs, progress: bool, cache_dir: str | None):
                                            fingerprint=uuid.uuid4().hex)
 
 
-def _docs_digest(docs) -> str:
+def _docs_digest(docs, columns=("ids", "train")) -> str:
     """sha256 over every document's token ids and train flags (Arrow buffers, no Python
     loop), so a resumed build refuses data that changed since the interrupted run."""
     h = hashlib.sha256()
     if docs._indices is not None:  # an index mapping: materialize the selected rows
         docs = docs.flatten_indices()
-    for name in ("ids", "train"):
+    for name in columns:
         for chunk in docs.data.column(name).chunks:
+            if not pa.types.is_list(chunk.type):  # a scalar column
+                h.update(chunk.to_numpy(zero_copy_only=False).tobytes())
+                continue
             h.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).tobytes())
             h.update(chunk.flatten().to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()
@@ -127,7 +163,9 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
     """Tokenizes and packs a dataset into `<out_dir>/train` (+ `<out_dir>/eval`).
 
     Args:
-      source: files/glob/directory or a `datasets` name (see `load_source`).
+      source: files/glob/directory or a `datasets` name (see `load_source`), or a
+        generated dataset directory (`kdjax.data.generated`: its prompt and completion
+        ids are packed as they are, training on the completion tokens only).
       tokenizer: a Hugging Face tokenizer or a path that AutoTokenizer loads.
       seq_len: tokens per row (L).
       text_field / messages_field / prompt_field + response_field: which columns hold
@@ -150,21 +188,24 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
     t0 = time.perf_counter()
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    ds = load_source(source, split=split, format=format, streaming=streaming,
-                     **({"cache_dir": str(cache_dir)} if cache_dir else {}))
-    if max_docs is not None:
-        ds = ds.take(max_docs) if isinstance(ds, datasets.IterableDataset) else ds.select(
-            range(min(max_docs, len(ds))))
     given = Fields(text_field, messages_field, prompt_field, response_field)
-    fields = given if given != Fields() else Fields.infer(column_names(ds))
-    if num_proc is None and not isinstance(ds, datasets.IterableDataset) and len(ds) >= 20_000:
-        num_proc = min(os.cpu_count() or 1, 16)  # worth the process start-up cost
-    if num_proc and num_proc > 1 and _jax_started():
-        log.info("JAX (a backend or jax.distributed) runs in this process and forking it "
-                 "can deadlock; tokenizing in-process (run `kdjax pack` as a single process "
-                 "for parallel tokenization)")
-        num_proc = None
-    docs = tokenize_dataset(ds, tokenizer, fields, num_proc=num_proc)
+    generated = read_generated_manifest(source)
+    if generated is not None:  # a generated dataset (SeqKD): its token ids, no tokenizing
+        if given != Fields():
+            raise ValueError(f"{source!r} is a generated dataset: its prompt_ids and "
+                             "completion_ids are packed as they are; drop the field options")
+        check_generated_tokenizer(generated, source, tokenizer)
+        ds = _limit(load_generated(source, streaming=streaming, cache_dir=cache_dir),
+                    max_docs)
+        fields_meta = {"generated": generated["manifest_sha256"]}
+        docs = generated_docs(ds, vocab_size=len(tokenizer))
+    else:
+        ds = _limit(load_source(source, split=split, format=format, streaming=streaming,
+                                **({"cache_dir": str(cache_dir)} if cache_dir else {})),
+                    max_docs)
+        fields = given if given != Fields() else Fields.infer(column_names(ds))
+        fields_meta = fields.__dict__
+        docs = tokenize_dataset(ds, tokenizer, fields, num_proc=_num_proc(ds, num_proc))
     if isinstance(docs, datasets.IterableDataset):
         docs = _materialize(docs, progress, cache_dir and str(cache_dir))
     n = len(docs)
@@ -181,7 +222,7 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
     metadata = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "docs_sha256": _docs_digest(docs),
                 "source": {"source": [str(s) for s in np.atleast_1d(np.asarray(source, object))],
-                           "split": split, "fields": fields.__dict__, "max_docs": max_docs,
+                           "split": split, "fields": fields_meta, "max_docs": max_docs,
                            "eval_docs": n_eval, "seed": seed}}
     out = {}
     for name, idx in splits.items():

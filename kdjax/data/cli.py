@@ -17,10 +17,21 @@ only computed for a token store packed with its teacher's tokenizer.
   kdjax pack notes.txt --tokenizer TEACHER_DIR --seq-len 512 --out stores/notes
 
 Plain text trains on every token; chat (`messages`) and instruction (prompt/response)
-examples train on the assistant's tokens only. A rerun with the same settings reuses the
-stores; other settings are refused unless --overwrite. Multi-process (the same command on
-every host): add --distributed, or --num-processes P --process-id I --coordinator-address
-HOST:PORT; process 0 packs and the others wait for it."""
+examples train on the assistant's tokens only. A generated dataset (a directory with a
+`"kind": "generated"` manifest, from generation) is packed from its token ids, training on
+the completions only; pack it with the generator's tokenizer.
+
+--layout examples writes one example per row instead, unpacked (what generation reads):
+prompts of --prompt-len tokens (chat: the template with the generation prompt) and, when
+the data has them, completions (the response, or the final assistant turn):
+
+  kdjax pack chat.jsonl --tokenizer TEACHER_DIR --out stores/prompts --layout examples \\
+      --prompt-len 512 --completion-len 1024 --truncate left
+
+A rerun with the same settings reuses the stores; other settings are refused unless
+--overwrite. Multi-process (the same command on every host): add --distributed, or
+--num-processes P --process-id I --coordinator-address HOST:PORT; process 0 packs and
+the others wait for it."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +43,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (a model "
                    "directory with tokenizer files: the teacher's)")
     p.add_argument("--out", required=True, help="output directory (gets train/ and eval/)")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per packed row (L)")
+    p.add_argument("--layout", choices=("packed", "examples"), default="packed",
+                   help="packed: documents packed into rows of --seq-len tokens (default); "
+                   "examples: one example per row, prompt (+ completion), unpacked")
+    p.add_argument("--seq-len", type=int, help="tokens per packed row (L; --layout packed)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens per row (P; --layout "
+                   "examples)")
+    p.add_argument("--completion-len", type=int, help="completion tokens per row (C; "
+                   "--layout examples; longer completions keep their first C tokens; "
+                   "default: the longest completion)")
+    p.add_argument("--truncate", choices=("left", "drop"), default="left",
+                   help="a prompt over --prompt-len tokens: keep its last P tokens (left, "
+                   "default) or drop the example (--layout examples)")
     p.add_argument("--text-field", help="column holding plain text (default: inferred from "
                    "the column names: text, messages, or a prompt/response pair)")
     p.add_argument("--messages-field", help="column holding chat messages "
@@ -69,11 +91,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_layout_args(args) -> None:
+    def parser_error(msg):
+        raise ValueError(msg)
+
+    if args.layout == "packed":
+        if args.seq_len is None:
+            parser_error("--seq-len is required (with --layout packed, the default)")
+        given = [f for f, v in (("--prompt-len", args.prompt_len),
+                                ("--completion-len", args.completion_len)) if v is not None]
+    else:
+        if args.prompt_len is None:
+            parser_error("--prompt-len is required with --layout examples")
+        given = [f for f, v in (("--seq-len", args.seq_len),) if v is not None]
+        if args.pack_mode != "split":
+            given.append("--pack-mode")
+    if given:
+        parser_error(f"{', '.join(given)} does not apply to --layout {args.layout}")
+
+
 def run(args) -> int:
     from kdjax.data.build import build_token_store
 
+    _check_layout_args(args)
     initialize_from_args(args)
     source = args.source[0] if len(args.source) == 1 else args.source
+    if args.layout == "examples":
+        from kdjax.data.examples import build_example_store
+
+        out = build_example_store(
+            source, _tokenizer(args.tokenizer), args.out, prompt_len=args.prompt_len,
+            completion_len=args.completion_len, truncate=args.truncate,
+            text_field=args.text_field, messages_field=args.messages_field,
+            prompt_field=args.prompt_field, response_field=args.response_field,
+            split=args.split, format=args.format, streaming=args.streaming,
+            eval_fraction=args.eval_fraction, eval_docs=args.eval_docs, max_docs=args.max_docs,
+            seed=args.seed, shard_rows=args.shard_rows, num_proc=args.num_proc,
+            overwrite=args.overwrite, cache_dir=args.cache_dir)
+        if is_primary():
+            print("\n".join(example_summary_lines(out)))
+        return 0
     out = build_token_store(
         source, _tokenizer(args.tokenizer), args.out, seq_len=args.seq_len,
         text_field=args.text_field, messages_field=args.messages_field,
@@ -117,4 +174,24 @@ def summary_lines(out: dict, seq_len: int) -> list[str]:
                          f"({100 * s['fill']:.1f}% filled) → {s['path']} "
                          f"(data {s['fingerprint'][:12]})")
     lines.append(f"packed in {out['seconds']:.1f}s")
+    return lines
+
+
+def example_summary_lines(out: dict) -> list[str]:
+    """The human summary of a `build_example_store` result."""
+    lines = []
+    c = out["completion_len"]
+    for name in ("train", "eval"):
+        if name in out:
+            s = out[name]
+            width = f"prompt {out['prompt_len']}" + (f" + completion {c}" if c else "")
+            lines.append(f"{name}: {s['rows']} examples of {s['num_examples']} ({width} "
+                         f"tokens per row), {s['prompt_tokens']} prompt + "
+                         f"{s['completion_tokens']} completion tokens → {s['path']} "
+                         f"(data {s['fingerprint'][:12]})")
+            lines.append(f"  prompts: {s['truncated_prompts']} truncated (left), "
+                         f"{s['dropped_long_prompts']} dropped (too long), "
+                         f"{s['dropped_empty_prompts']} dropped (empty); completions: "
+                         f"{s['truncated_completions']} truncated")
+    lines.append(f"written in {out['seconds']:.1f}s")
     return lines

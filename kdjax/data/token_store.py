@@ -93,6 +93,12 @@ class TokenStore:
         self._rows = RowStore(path)
         self.path = Path(path)
         self.manifest = self._rows.manifest
+        if self.manifest.get("kind") == "kdjax.example_store":
+            raise StoreMismatchError(
+                f"{str(path)!r} is an example store (layout examples: one unpacked example "
+                "per row, `kdjax pack --layout examples`, what generation reads), not a "
+                "token store (layout packed); pack the data with `kdjax pack` (--layout "
+                "packed, the default) for training")
         if self.manifest.get("kind") != KIND:
             raise StoreMismatchError(f"{str(path)!r} is not a token store (kind "
                                      f"{self.manifest.get('kind')!r}); pass the path of a "

@@ -15,6 +15,7 @@ from kdjax.losses.divergences import (
     tvd,
 )
 from kdjax.losses.fused import (
+    DenseTeacher,
     SampledTeacher,
     SparseTeacher,
     TeacherHead,
@@ -43,6 +44,7 @@ from kdjax.losses.sparse import (
 )
 
 __all__ = [
+    "DenseTeacher",
     "SampledTeacher",
     "SparseTeacher",
     "TeacherHead",

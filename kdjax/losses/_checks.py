@@ -95,3 +95,25 @@ def check_same_shape(a, b, name_a: str, name_b: str, axis_name: str = "vocabular
 def check_rank_at_least(x, rank: int, name: str) -> None:
     if jnp.ndim(x) < rank:
         raise ValueError(f"{name} must have at least {rank} dimension(s), got shape {jnp.shape(x)}")
+
+
+def positive_float_or_none(value, name: str) -> float | None:
+    """A static Python float > 0, or None (an optional cap such as `logit_softcap`)."""
+    if value is None:
+        return None
+    v = concrete_float(value, name)
+    if v is None or not v > 0:
+        raise ValueError(f"{name} must be a positive Python float or None, got {value!r}")
+    return v
+
+
+def flat_tokens(x, lead: tuple[int, ...], name: str, *, trailing: int = 0):
+    """Checks `x.shape == lead + (trailing dims)` (lead = hidden's token axes) and flattens
+    the `lead` axes into one, `[N, ...]`."""
+    shape = jnp.shape(x)
+    k = len(shape) - trailing
+    if tuple(shape[:k]) != tuple(lead) or len(shape) != len(lead) + trailing:
+        expect = "[" + ", ".join(map(str, lead)) + (", …" * trailing) + "]"
+        raise ValueError(f"{name} has shape {shape}; expected {expect} to match hidden's "
+                         f"leading (token) axes {tuple(lead)}")
+    return jnp.reshape(x, (int(np.prod(lead, dtype=np.int64)), *shape[k:]))

@@ -63,22 +63,22 @@ def _tvd_terms(logp, logq):
     return 0.5 * jnp.abs(safe_exp(logp) - safe_exp(logq))
 
 
+def _skew_terms(log_a, log_b, alpha):
+    """Pointwise terms of KL(a ‖ α·a + (1−α)·b); α = 0 is KL(a ‖ b), α = 1 is 0."""
+    al = _checks.check_unit_interval(alpha, "alpha")
+    if al == 0.0:
+        return kl_terms(log_a, log_b)
+    if al == 1.0:
+        return jnp.zeros_like(log_a)
+    return kl_terms(log_a, mixture_log(log_a, log_b, alpha))
+
+
 def _skew_forward_kl_terms(logp, logq, *, alpha=0.1):
-    a = _checks.check_unit_interval(alpha, "alpha")
-    if a == 0.0:
-        return kl_terms(logp, logq)
-    if a == 1.0:
-        return jnp.zeros_like(logp)
-    return kl_terms(logp, mixture_log(logp, logq, alpha))
+    return _skew_terms(logp, logq, alpha)
 
 
 def _skew_reverse_kl_terms(logp, logq, *, alpha=0.1):
-    a = _checks.check_unit_interval(alpha, "alpha")
-    if a == 0.0:
-        return kl_terms(logq, logp)
-    if a == 1.0:
-        return jnp.zeros_like(logq)
-    return kl_terms(logq, mixture_log(logq, logp, alpha))
+    return _skew_terms(logq, logp, alpha)
 
 
 def _soft_cross_entropy_terms(logp, logq):

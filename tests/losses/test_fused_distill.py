@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kdjax.losses import (
+    DenseTeacher,
     SampledTeacher,
     SparseTeacher,
     TeacherHead,
@@ -23,7 +24,6 @@ from kdjax.losses import (
     sampled_forward_kl,
     sparse_forward_kl,
 )
-from kdjax.losses.fused.distill import fused_distill_impl
 from tests.losses import _refs
 from tests.tolerances import TOL, assert_close
 
@@ -181,8 +181,8 @@ def test_grad_modes_agree(rng):
     d = _inputs(rng)
 
     def f(h, w, mode):
-        return fused_distill_impl(h, w, d["t"], targets=d["y"], ce_weight=0.5, chunk_size=CHUNK,
-                                  grad_mode=mode)[0].mean()
+        return fused_distill(h, w, d["t"], targets=d["y"], ce_weight=0.5, chunk_size=CHUNK,
+                             grad_mode=mode)[0].mean()
 
     fwd = jax.jit(jax.value_and_grad(partial(f, mode="forward"), (0, 1)))(d["h"], d["w"])
     rec = jax.jit(jax.value_and_grad(partial(f, mode="recompute"), (0, 1)))(d["h"], d["w"])
@@ -197,3 +197,35 @@ def test_grad_of_scaled_loss_scales(rng):
     g = jax.jit(jax.grad(lambda h: 3.0 * fused_distill(h, d["w"], d["t"])[0].sum))(d["h"])
     g1 = jax.jit(jax.grad(lambda h: fused_distill(h, d["w"], d["t"])[0].sum))(d["h"])
     assert_close(g, 3.0 * np.asarray(g1), **TOL["grad"])
+
+
+def test_dense_teacher_equals_the_plain_array(rng):
+    d = _inputs(rng)
+    f = lambda t: jax.value_and_grad(lambda h, w: fused_distill(
+        h, w, t, targets=d["y"], mask=d["m"], ce_weight=CE_W, chunk_size=CHUNK,
+        divergence="jsd", beta=0.3)[0].mean(), (0, 1))(d["h"], d["w"])
+    plain, wrapped = jax.jit(f)(d["t"]), jax.jit(f)(DenseTeacher(d["t"]))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(wrapped)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_chunk_slicing_paths_agree_exactly(rng, dtype, monkeypatch):
+    """On XLA:CPU 16-bit rows are cut by lax.switch branches of static slices, or, past
+    ChunkRows.MAX_SWITCH_CHUNKS chunks, as uint16 bits; f32 rows by dynamic_slice. The
+    path changes no bit of the result."""
+    from kdjax.losses.fused.kernel import ChunkRows
+
+    d = _inputs(rng, dtype)
+    ht = TeacherHead(d["ht"], d["wt"])
+
+    def run():
+        f = lambda h, w, t: fused_distill(h, w, t, targets=d["y"], mask=d["m"],
+                                          ce_weight=CE_W, chunk_size=CHUNK)[0].mean()
+        return [jax.jit(jax.value_and_grad(f, (0, 1)))(d["h"], d["w"], t) for t in (d["t"], ht)]
+
+    switch = run()
+    monkeypatch.setattr(ChunkRows, "MAX_SWITCH_CHUNKS", 0)
+    bits = run()
+    for a, b in zip(jax.tree.leaves(switch), jax.tree.leaves(bits)):
+        np.testing.assert_array_equal(a, b)

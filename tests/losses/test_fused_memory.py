@@ -65,12 +65,32 @@ def test_teacher_head_never_materializes_teacher_logits():
     assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * n * V * 4
 
 
-def test_bf16_teacher_is_never_upcast_whole():
-    # XLA:CPU used to convert the whole bf16 [N, V] teacher to f32 before the chunk loop
-    # (an N·V·4-byte term). What remains on CPU is one 2-byte copy of it (the uint16
-    # bitcast, see kdjax/losses/fused/_scan.py): growth must stay below 3 bytes per
-    # teacher element added, far from the f32 copy's 4 (+ O(N·H) terms).
+def test_bf16_teacher_is_sliced_in_place():
+    # XLA:CPU converts a whole bf16 [N, V] array to f32 before a dynamic slice of it in
+    # the chunk loop (4·N·V bytes); up to ChunkRows.MAX_SWITCH_CHUNKS chunks the kernel
+    # slices 16-bit rows with static slices instead (kdjax/losses/fused/kernel.py), so
+    # the temp memory grows with N by O(N·H) terms only: 8 → 32 chunks here.
     small, big = (_temp_bytes(_fused, (n, H), (H, V), (n, V), dtype=jnp.bfloat16)
-                  for n in (1024, 16384))
-    dn = 16384 - 1024
-    assert big - small <= dn * V * 2 + 8 * dn * H * 4, (big - small, dn * V * 4)
+                  for n in (1024, 4096))
+    dn = 4096 - 1024
+    assert big - small <= 4 * dn * H * 4, (big - small, dn * V * 2)
+
+
+def test_bf16_teacher_with_many_chunks_is_never_upcast_whole():
+    # Past MAX_SWITCH_CHUNKS (whose compile time grows faster than linearly) the rows are
+    # sliced as uint16 bits: one 2-byte copy of the teacher and of hidden, never the
+    # f32 one (4 bytes per element), + the chunk arrays, dW and dh.
+    n = 16384  # 128 chunks
+    temp = _temp_bytes(_fused, (n, H), (H, V), (n, V), dtype=jnp.bfloat16)
+    assert temp <= n * V * 2 + 8 * CHUNK * V * 4 + 2 * H * V * 4 + 4 * n * H * 4, temp
+
+
+def test_bf16_lm_head_is_not_copied_to_f32():
+    # XLA:CPU runs the 16-bit dh = dz·Wᵀ dot in f32 and would hoist an f32 copy of the
+    # whole lm_head out of the loop (4·H·V bytes); the kernel pins a bf16 transposed copy
+    # (2·H·V) instead. Beyond the f32 program's temp memory, bf16 adds that copy and the
+    # f32 dW accumulator, which the bf16 gradient output cannot alias (4·H·V).
+    n, h = 1024, 512
+    f32, bf16 = (_temp_bytes(_fused, (n, h), (h, V), (n, V), dtype=dt)
+                 for dt in (F32, jnp.bfloat16))
+    assert bf16 - f32 <= (4 + 2) * h * V + 2 * n * h * 4, (bf16 - f32, h * V * 4)

@@ -134,3 +134,22 @@ def test_sharded_ce_only_and_top1_match_float64(data):
     assert_close(metrics["top1_agreement"].sum, top_ref)
     with pytest.raises(ValueError, match="teacher=None"):
         sharded(data["h"], data["w"], None)
+
+
+def test_partition_specs_of_each_form(data):
+    """Per-token arrays split over the data axis; vocabulary columns over the vocab axis;
+    ids are global, so every vocab shard holds all of them."""
+    from jax.sharding import PartitionSpec as P
+
+    from kdjax.losses import DenseTeacher
+    from kdjax.losses.fused.teachers import NoTeacher
+
+    specs = lambda t: t.partition_specs(DATA, TENSOR)
+    assert specs(DenseTeacher(data["t"])) == DenseTeacher(P(DATA, TENSOR))
+    head = specs(TeacherHead(data["ht"], data["wt"], 30.0))
+    assert head == TeacherHead(P(DATA, None), P(None, TENSOR), 30.0)
+    sparse = specs(SparseTeacher(data["ids"], data["lp"], "bucket"))
+    assert sparse == SparseTeacher(P(DATA, None), P(DATA, None), "bucket")
+    sampled = specs(SampledTeacher(data["ids"], data["counts"], 6))
+    assert sampled == SampledTeacher(P(DATA, None), P(DATA, None), 6)
+    assert specs(NoTeacher()) == NoTeacher()

@@ -1,4 +1,4 @@
-"""Pure, jit-compatible distillation loss kernels (see DESIGN.md, "Loss catalog")."""
+"""Pure, jit-compatible distillation loss kernels (docs/losses.md)."""
 
 from kdjax.losses.divergences import (
     DIVERGENCES,

@@ -1,6 +1,6 @@
 """Teacher logits → the compact signal a teacher store keeps (pure JAX, jit-friendly).
 
-Three modes (see DESIGN.md, "Teacher-signal store"):
+Three modes (docs/stores.md, "Teacher store"):
 
 - `sampled`: random-sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling:
   Accelerating Knowledge Distillation in LLMs"). N tokens are drawn i.i.d. per position

@@ -1,6 +1,6 @@
 """The teacher-signal store: layout, manifest, reader and compatibility checks.
 
-A store is a directory (DESIGN.md, "Teacher-signal store"):
+A store is a directory (docs/stores.md, "Teacher store"):
 
     manifest.json   store_format/version, mode, K/U/N, temperature, teacher/tokenizer/data
                     fingerprints, vocab size, L, rows, shard size, arrays, stats, `complete`

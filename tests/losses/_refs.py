@@ -1,4 +1,4 @@
-"""float64 NumPy references written directly from DESIGN.md's formulas (probability space).
+"""float64 NumPy references written directly from docs/losses.md's formulas (probabilities).
 
 Independent of kdjax's log-space code paths on purpose: mixtures are formed as
 probabilities, limits of the AB-divergence are not used here (see the tests).

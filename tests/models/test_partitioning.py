@@ -1,5 +1,5 @@
 """What a sharded decoder compiles to on 8 fake CPU devices, traced for a TPU (the plain
-forms, no CPU row views): work along the token axis is never gathered (DESIGN.md,
+forms, no CPU row views): work along the token axis is never gathered (docs/architecture.md,
 "Partitioning") and the f32 master embedding table never moves, only its compute-dtype
 copy. Values are checked elsewhere; XLA would give the right numbers while replicating
 the batch, so these tests read the collectives."""

@@ -1,4 +1,4 @@
-"""Every step divides its work over the mesh (DESIGN.md, "Partitioning"), read from the
+"""Every step divides its work over the mesh (docs/architecture.md, "Partitioning"), read from the
 compiled per-device program on 8 fake CPU devices, not from values:
 
 - no all-gather builds the global batch or token axis on a device;

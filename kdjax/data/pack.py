@@ -3,8 +3,8 @@
 A row of length L holds one or more segments. Each segment is a whole document or a
 piece of one; segments never attend to each other (segment_ids differ; 0 = padding).
 Pre-shifted targets (docs/stores.md, "Token store"): `targets[t]` is token t+1 of the
-same segment, and `loss_mask[t]` is true when that next token is a training target; the last token of a
-segment and padding have loss_mask False.
+same segment, and `loss_mask[t]` is true when that next token is a training target; the
+last token of a segment and padding have loss_mask False.
 
 A document longer than the space left is split ("split" mode, no padding except at the
 very end) with a one-token overlap: piece k ends with token j and piece k+1 starts with

@@ -277,8 +277,8 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu=0.5,
     by index) whose mass reaches μ (docs/losses.md, "Dense divergences"); g_h and g_t are
     Σ|p − q| over head and tail. The weights are under stop_gradient. When p = q both
     gaps are 0 and the value is 0. Note: the authors' code (`get_ratio` in LLM_KD_AKL)
-    puts the token whose cumulative mass crosses μ in the tail (head = {cumsum ≤ μ} ∪ {top-1}); here it is
-    in the head, so the two differ by that one token's gap.
+    puts the token whose cumulative mass crosses μ in the tail (head = {cumsum ≤ μ} ∪
+    {top-1}); here it is in the head, so the two differ by that one token's gap.
 
     Args:
       student_logits, teacher_logits: `[..., V]` float logits of the same shape.

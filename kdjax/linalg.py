@@ -1,10 +1,9 @@
 """2-D matmul with a gradient that avoids XLA:CPU's slow weight-gradient dot form.
 
 XLA differentiates `x @ w` into `dw = dot(x, dy)` contracting dimension 0 of both
-operands. On XLA:CPU that form runs up to ~2.4x slower than the same product with `xᵀ`
-materialized first (f32 [1024,1024]ᵀ·[1024,32768]: 66 vs 155 GFLOP/s; see
-benchmarks/README.md), and XLA folds a plain transpose back into the dot, so the
-transpose is pinned with `lax.optimization_barrier`. On GPU/TPU the plain form is
+operands. On XLA:CPU that form runs slower than the same product with `xᵀ` materialized
+first (benchmarks/notes/model.md), and XLA folds a plain transpose back into the dot, so
+the transpose is pinned with `lax.optimization_barrier`. On GPU/TPU the plain form is
 already fast (the transpose is a free operand flag), so there nothing changes.
 """
 

@@ -80,21 +80,22 @@ def is_cpu() -> bool:
 
 def pin_weight_grad_transpose(k: int, m: int) -> bool:
     """Materialize `xᵀ` (behind an optimization barrier) before a `[K, M]` weight-gradient
-    dot: XLA:CPU runs the dim-0-contracting form up to ~2.4x slower; below 2¹⁸ output
-    elements the copy costs more than it saves. Elsewhere the transpose is free."""
+    dot: XLA:CPU runs the dim-0-contracting form slower (kdjax.linalg); below 2¹⁸
+    output elements the copy costs more than it saves. Elsewhere the transpose is free."""
     return is_cpu() and k * m >= 2**18
 
 
 def row_view_reductions() -> bool:
     """Reduce over the last axis on a 2-D `[rows, last]` view: XLA:CPU reduces arrays
-    with a leading axis of size 1 up to ~6x slower. The reshape merges batch axes, which
-    under sharding can force a gather, so it is a CPU-only form."""
+    with a leading axis of size 1 slower (benchmarks/results/layers.md). The reshape
+    merges batch axes, which under sharding can force a gather, so it is a CPU-only
+    form."""
     return is_cpu()
 
 
 def attention_head_major() -> bool:
     """Run grouped-query attention as one `[B, kv, g·L, d]` batched matmul per kv head
-    (each kv head's query group folded into the rows): ~6% faster fwd+bwd on XLA:CPU than
+    (each kv head's query group folded into the rows): faster fwd+bwd on XLA:CPU than
     the 5-D einsum, whose gradients XLA transposes. The fold merges the head axis (split
     over `tensor`) with the length axis, which forces a gather of q and of the logits
     under tensor parallelism, so elsewhere the heads stay a separate axis."""
@@ -103,7 +104,7 @@ def attention_head_major() -> bool:
 
 def param_rng_impl() -> str:
     """PRNG implementation for parameter init: XLA:CPU compiles RngBitGenerator ("rbg")
-    ~4x faster than threefry, which dominates start-up on CPU."""
+    faster than threefry, which dominates start-up on CPU."""
     return "rbg" if is_cpu() else "threefry2x32"
 
 

@@ -108,7 +108,7 @@ class Loader:
         # One store after the other, on this thread: the reads are many short syscalls
         # (GIL released) between crc32c calls (GIL held: google-crc32c releases it only
         # for bytes >= 1 MiB), and reading the teacher store on a second thread made
-        # `local_batch` ~1.8× slower and cost ~2× the CPU on a 2-core host (GIL
+        # `local_batch` slower and cost more CPU on a 2-core host (GIL
         # hand-offs). `iter_from` already overlaps reading with the training step.
         batch = dict(self.store.read(rows))
         if self.teacher is not None:

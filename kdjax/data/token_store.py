@@ -61,7 +61,7 @@ def data_fingerprint(*, seq_len: int, vocab_size: int, num_rows: int, digest: in
 def targets_positions(tokens: np.ndarray, segment_ids: np.ndarray):
     """What `pack.derive_targets_positions` computes (targets [R, L]: next token of the
     same segment, else 0; positions [R, L]: index within the segment, 0 for padding; both
-    int32), ~3× faster for the loader's hot path: positions from the flat segment starts
+    int32), faster for the loader's hot path: positions from the flat segment starts
     with `np.repeat` instead of a `maximum.accumulate` scan."""
     rows, length = tokens.shape
     targets = np.zeros((rows, length), np.int32)

@@ -9,8 +9,8 @@ never silently read as zeros. tensorstore's `file` kvstore writes each shard to 
 temporary file and renames it, so a shard file is never half-written.
 
 Reading rows (`read_rows`): arrays in exactly this layout are decoded by
-`kdjax.storage.shardread` (pread + crc32c on the calling thread, several times faster than
-tensorstore for random rows, same checks and errors); anything else, or every array when
+`kdjax.storage.shardread` (pread + crc32c on the calling thread, faster than tensorstore
+for random rows, same checks and errors); anything else, or every array when
 KDJAX_FAST_READ=0, goes through tensorstore. Writing whole shards
 (`RowStoreWriter.write_shard`): arrays with one row per inner chunk are encoded by
 `kdjax.storage.shardwrite` (the same bytes as tensorstore, writev + crc32c in place, same
@@ -146,7 +146,8 @@ def read_rows(arrays: Mapping[str, ts.TensorStore], rows: np.ndarray, *,
     {name: [len(rows), *shape[1:]]} in the order of `rows`.
 
     Arrays in kdjax's own layout are read by `shardread.ShardRowReader` (pread + crc32c on
-    the calling thread, ~5-10× faster than tensorstore for random rows); others in one
+    the calling thread, faster than tensorstore for random rows: benchmarks/results/
+    loader.md); others in one
     batched tensorstore read, started first so it overlaps the fast reads.
 
     Raises:

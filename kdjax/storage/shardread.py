@@ -277,7 +277,7 @@ class ShardRowReader:
         The open file and its checked index are kept while `fstat` shows the same file
         still linked (deleting the file or replacing it by a rename, as tensorstore's
         writes do, unlinks it) with the same size, mtime and ctime: a kept shard costs one
-        `fstat` per read (a `stat` of the path measured ~20 % slower per step), a new one
+        `fstat` per read (a `stat` of the path costs more per step), a new one
         open + fstat + an index read. (A file moved elsewhere stays linked, so moving a
         shard file away and putting another in its place is seen only after a read
         error, which closes every kept file.)"""

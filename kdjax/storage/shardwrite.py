@@ -2,13 +2,13 @@
 `shardread`.
 
 tensorstore encodes a shard through several buffer copies; on a small host it writes a
-262 MB dense-logits shard at ~270 MB/s, which a teacher precompute pays on the cores that
-run the teacher. For arrays in exactly the layout `arrays.array_spec` creates with one row
+dense-logits shard with CPU time that a teacher precompute pays on the cores that run
+the teacher. For arrays in exactly the layout `arrays.array_spec` creates with one row
 per inner chunk, this writer produces the same bytes itself: every row followed by its
 crc32c (computed in place on the caller's arrays), then the shard index ((offset, nbytes)
 little-endian uint64 per inner chunk, all-ones for chunks past the last row) and its
-crc32c — one `writev` per 512 rows, no copies but the kernel's (~0.2 s per such shard
-with ~6x less CPU than tensorstore). Like tensorstore's file kvstore, it writes a
+crc32c — one `writev` per 512 rows, no copies but the kernel's (benchmarks/
+results/precompute.md measures the write path). Like tensorstore's file kvstore, it writes a
 temporary file in the shard's directory, fsyncs it, renames it over the shard file and
 fsyncs the directory: a crash leaves the old shard file or the new one, never a
 half-written one (and the ledger only records a shard after this returns).
@@ -111,7 +111,7 @@ def _write_atomic(file: str, buffers: list) -> None:
             os.fsync(fd)
             if hasattr(os, "posix_fadvise"):
                 # written once, read by a later run: keeping it cached would evict what
-                # the writer reads (the token store) and measured ~10% slower dense
+                # the writer reads (the token store) and made dense
                 # precompute on a 2-core VM (kernel page-cache upkeep)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

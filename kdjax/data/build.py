@@ -38,6 +38,21 @@ from kdjax.storage import RowStoreWriter, fingerprint_bytes
 log = logging.getLogger(__name__)
 
 
+def split_indices(n: int, eval_fraction: float, eval_docs: int | None, seed: int,
+                  what: str) -> tuple[dict[str, np.ndarray], int]:
+    """`({"train": sorted indices[, "eval": …]}, n_eval)`: a seeded random held-out split
+    of `n` items (`eval_docs` of them, else round(eval_fraction·n))."""
+    n_eval = int(eval_docs if eval_docs is not None else round(eval_fraction * n))
+    if not 0 <= n_eval < n:
+        raise ValueError(f"eval split of {n_eval} {what} leaves none for training out of "
+                         f"{n}; lower eval_fraction ({eval_fraction}) / eval_docs ({eval_docs})")
+    perm = np.random.default_rng(seed).permutation(n)
+    splits = {"train": np.sort(perm[n_eval:])}
+    if n_eval:
+        splits["eval"] = np.sort(perm[:n_eval])
+    return splits, n_eval
+
+
 def _jax_started() -> bool:
     """Whether this process runs a JAX backend or jax.distributed's client (their threads
     make os.fork unsafe)."""
@@ -209,14 +224,7 @@ def build_token_store(source, tokenizer, out_dir: str | os.PathLike, *, seq_len:
     if isinstance(docs, datasets.IterableDataset):
         docs = _materialize(docs, progress, cache_dir and str(cache_dir))
     n = len(docs)
-    n_eval = int(eval_docs if eval_docs is not None else round(eval_fraction * n))
-    if not 0 <= n_eval < n:
-        raise ValueError(f"eval split of {n_eval} documents leaves none for training out of "
-                         f"{n}; lower eval_fraction ({eval_fraction}) / eval_docs ({eval_docs})")
-    perm = np.random.default_rng(seed).permutation(n)
-    splits = {"train": np.sort(perm[n_eval:])}
-    if n_eval:
-        splits["eval"] = np.sort(perm[:n_eval])
+    splits, n_eval = split_indices(n, eval_fraction, eval_docs, seed, "documents")
     vocab_size = len(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     metadata = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),

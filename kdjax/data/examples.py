@@ -41,7 +41,6 @@ from kdjax.distributed import primary_writes
 from kdjax.storage import (
     RowStore,
     RowStoreWriter,
-    StoreIncompleteError,
     StoreMismatchError,
     fingerprint_json,
 )
@@ -260,7 +259,13 @@ def build_example_store(source, tokenizer, out_dir: str | os.PathLike, *, prompt
     import datasets
     from transformers import AutoTokenizer
 
-    from kdjax.data.build import _docs_digest, _limit, _materialize, _num_proc
+    from kdjax.data.build import (
+        _docs_digest,
+        _limit,
+        _materialize,
+        _num_proc,
+        split_indices,
+    )
     from kdjax.data.generated import read_generated_manifest
     from kdjax.data.sources import load_source
 
@@ -298,14 +303,7 @@ def build_example_store(source, tokenizer, out_dir: str | os.PathLike, *, prompt
                          "field, or a conversation ending with an assistant turn)")
     if completion_len is None and has.any():
         completion_len = max(1, int(clen.max()))
-    n_eval = int(eval_docs if eval_docs is not None else round(eval_fraction * n))
-    if not 0 <= n_eval < n:
-        raise ValueError(f"eval split of {n_eval} examples leaves none for training out of "
-                         f"{n}; lower eval_fraction ({eval_fraction}) / eval_docs ({eval_docs})")
-    perm = np.random.default_rng(seed).permutation(n)
-    splits = {"train": np.sort(perm[n_eval:])}
-    if n_eval:
-        splits["eval"] = np.sort(perm[:n_eval])
+    splits, n_eval = split_indices(n, eval_fraction, eval_docs, seed, "examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     metadata = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "source_fingerprint": _docs_digest(ex, ("prompt_ids", "completion_ids",
@@ -388,9 +386,6 @@ class ExampleStore:
 def open_example_store(path: str | os.PathLike, split: str | None = None) -> ExampleStore:
     """Opens an example store: `path` itself, or (with `split`, e.g. "train") the output
     directory of `kdjax pack --layout examples`."""
-    path = Path(path) if split is None else Path(path) / split
-    if split is None and not (path / "manifest.json").exists() and (path / "train").is_dir():
-        raise StoreIncompleteError(f"{str(path)!r} holds the splits "
-                                   f"{sorted(p.name for p in path.iterdir() if p.is_dir())}; "
-                                   "open one of them, e.g. open_example_store(path, 'train')")
-    return ExampleStore(path)
+    from kdjax.data.token_store import split_dir
+
+    return ExampleStore(split_dir(path, split, "open_example_store"))

@@ -149,9 +149,15 @@ class TokenStore:
 def open_token_store(path: str | os.PathLike, split: str | None = None) -> TokenStore:
     """Opens a token store. `path` is the store itself, or (with `split`, e.g. "train" or
     "eval") the output directory of build_token_store holding one store per split."""
+    return TokenStore(split_dir(path, split, "open_token_store"))
+
+
+def split_dir(path: str | os.PathLike, split: str | None, opener: str) -> Path:
+    """The store directory `path` (or `path/split`); a directory of splits opened without
+    `split` is an error naming them and how to open one with `opener`."""
     path = Path(path) if split is None else Path(path) / split
     if split is None and not (path / "manifest.json").exists() and (path / "train").is_dir():
         raise StoreIncompleteError(f"{str(path)!r} holds the splits "
                                    f"{sorted(p.name for p in path.iterdir() if p.is_dir())}; "
-                                   "open one of them, e.g. open_token_store(path, 'train')")
-    return TokenStore(path)
+                                   f"open one of them, e.g. {opener}(path, 'train')")
+    return path

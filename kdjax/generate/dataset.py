@@ -22,14 +22,13 @@ uninterrupted one (the parquet writer is deterministic for the same table).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kdjax.storage.errors import StoreMismatchError
 from kdjax.storage.fingerprint import fingerprint_json
 from kdjax.storage.ledger import ShardLedger
-from kdjax.storage.manifest import fsync_dir, read_manifest, write_manifest
+from kdjax.storage.manifest import atomic_path, read_manifest, write_manifest
 
 KIND = "generated"
 FORMAT_VERSION = 1
@@ -132,18 +131,8 @@ class GeneratedWriter:
                                  f"{FINISH_REASONS}")
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records],
                                      schema=schema)
-        path = shard_path(self.root, shard)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(shard_path(self.root, shard)) as tmp:
             pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
         self.ledger.record(shard, {"records": len(records)})
 
     def finish(self, summary: dict) -> None:

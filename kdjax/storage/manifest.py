@@ -9,9 +9,11 @@ readers refuse a store whose manifest is missing or incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kdjax.storage.errors import StoreCorruptError, StoreIncompleteError
@@ -34,22 +36,31 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes `obj` as indented JSON to `path` atomically (tmp + fsync + rename + dir fsync)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling of `path` to write; when the block ends it is fsynced
+    and renamed over `path` and the directory fsynced (on an error it is deleted), so a
+    reader or a crash sees the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_to_jsonable)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (`atomic_path`)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_to_jsonable)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -10,7 +10,7 @@ Names are imported on first use (PEP 562), so `from kdjax.teacher.config import
 PrecomputeConfig` (config parsing) imports no JAX.
 """
 
-import importlib
+from kdjax._lazy import lazy_exports
 
 # public name → the submodule that defines it
 _EXPORTS = {
@@ -30,13 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdjax.teacher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kdjax.teacher.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdjax.distributed import add_distributed_args, initialize_from_args
+from kdjax._cliargs import add_config_args, config_overrides
+from kdjax.distributed import initialize_from_args
 
 PRECOMPUTE_HELP = """\
 Run a teacher once over a token store and write what the student will learn from (its
@@ -38,17 +39,14 @@ def add_parser(subparsers) -> None:
         "precompute", help="run a teacher over a token store and write its teacher store "
         "(top-k / sampled / dense; resumable)", description=PRECOMPUTE_HELP,
         epilog=settings_help(PrecomputeConfig), formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML file of the settings below (see configs/precompute/)")
-    p.add_argument("--teacher", help="teacher model directory (the `teacher` setting)")
-    p.add_argument("--tokens", help="token store directory (the `tokens` setting)")
-    p.add_argument("--out", help="teacher store directory to write (the `out` setting)")
-    p.add_argument("--mode", choices=("topk", "sampled", "dense"), help="the `mode` setting")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing store written with other settings")
-    add_distributed_args(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any setting below, e.g. k=64 temperature=2.0 batch_size=32 "
-                   "(values are YAML)")
+    add_config_args(p, {"teacher": "teacher model directory (the `teacher` setting)",
+                        "tokens": "token store directory (the `tokens` setting)",
+                        "out": "teacher store directory to write (the `out` setting)",
+                        "mode": {"choices": ("topk", "sampled", "dense"),
+                                 "help": "the `mode` setting"}},
+                    example="k=64 temperature=2.0 batch_size=32",
+                    config_help="YAML file of the settings below (see configs/precompute/)",
+                    overwrite_help="replace an existing store written with other settings")
     p.set_defaults(func=run_precompute)
 
     q = subparsers.add_parser("inspect", help="describe a teacher store and check every chunk",
@@ -67,11 +65,8 @@ def precompute_config(args):
     from kdjax.schema import ConfigError
     from kdjax.teacher.config import PrecomputeConfig
 
-    overrides = list(args.overrides)
-    for key in ("teacher", "tokens", "out", "mode", "overwrite"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    config = PrecomputeConfig.load(args.config, overrides)
+    config = PrecomputeConfig.load(args.config, config_overrides(
+        args, ("teacher", "tokens", "out", "mode", "overwrite")))
     missing = [k for k in ("teacher", "tokens", "out") if not getattr(config, k)]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; give them in --config or as "

@@ -124,14 +124,14 @@ def walk(root: Path) -> Walk:
             "--tokenizer", "teacher", "--out", "tokens32")
     pre = ["precompute", "--teacher", "teacher", "--tokens", "tokens/train"]
     w.works("precompute sampled", *pre, "--out", "sampled", "mode=sampled", "num_samples=32",
-            "num_slots=16", "batch_size=8", "shard_rows=16", expect="distinct ids drawn")
+            "batch_size=8", "shard_rows=16", expect="distinct ids drawn")
     w.works("precompute top-k (--overwrite accepted)", *pre, "--out", "topk", "--mode", "topk",
             "k=16", "batch_size=8", "shard_rows=16", "--overwrite", expect="teacher store")
     w.works("precompute the eval split", "precompute", "--teacher", "teacher", "--tokens",
             "tokens/eval", "--out", "topk_eval", "k=16", "batch_size=8", "progress=false")
     (root / "sampled" / "ledger" / "shard-000001.json").unlink()  # as if killed
     w.works("precompute resumes", *pre, "--out", "sampled", "mode=sampled",
-            "num_samples=32", "num_slots=16", "batch_size=8", "shard_rows=16",
+            "num_samples=32", "batch_size=8", "shard_rows=16",
             "progress=false", expect="shards already written")
     out = w.works("inspect", "inspect", "sampled", expect="every chunk read back intact")
     w.check("inspect names ids drawn (before the cap) and ids stored (after) apart",

@@ -106,14 +106,14 @@ SIZES = {
                     student=dict(hidden_size=64, intermediate_size=160, num_layers=2,
                                  num_heads=4),
                     teacher_steps=500, teacher_batch=32, student_steps=400,
-                    student_batch=16, num_samples=32, num_slots=16, eval_batches=8),
+                    student_batch=16, num_samples=32, num_slots=32, eval_batches=8),
     "tiny": dict(teacher_docs=200, student_docs=40, eval_docs=40, vocab=300, seq_len=32,
                  teacher=dict(hidden_size=32, intermediate_size=64, num_layers=1,
                               num_heads=2),
                  student=dict(hidden_size=16, intermediate_size=32, num_layers=1,
                               num_heads=2),
                  teacher_steps=6, teacher_batch=8, student_steps=4, student_batch=8,
-                 num_samples=8, num_slots=4, eval_batches=2),
+                 num_samples=8, num_slots=8, eval_batches=2),
 }
 
 

@@ -12,11 +12,13 @@ import os
 import sys
 
 # modules that provide add_parser, in the order `kdjax --help` lists their commands:
-# quickstart; pack; precompute, inspect; train, eval, export; convert; compile; bench
+# quickstart; pack; precompute, inspect; generate, filter; train, eval, export; convert;
+# compile; bench
 _MODULES = (
     "kdjax.quickstart",
     "kdjax.data.cli",
     "kdjax.teacher.cli",
+    "kdjax.generate.cli",
     "kdjax.train.cli",
     "kdjax.models.convert_cli",
     "kdjax.compile.cli",

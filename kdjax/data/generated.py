@@ -88,6 +88,12 @@ def load_generated(source, *, streaming: bool = False, cache_dir: str | None = N
     if not files:
         raise FileNotFoundError(f"generated dataset {path!r} has a manifest but no "
                                 "*.parquet shards")
+    import pyarrow.parquet as pq
+
+    if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+        raise ValueError(f"generated dataset {path!r} holds no records (its curation kept "
+                         "none?); see the dropped counts in its manifest's summary, relax "
+                         "the filter, or pack the uncurated dataset")
     ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train",
                                streaming=streaming,
                                **({"cache_dir": str(cache_dir)} if cache_dir else {}))

@@ -67,10 +67,14 @@ class GeneratedWriter:
       num_shards: how many shards the run produces.
       extra_columns: string columns beyond `COLUMNS`.
       overwrite: start over when the directory holds another plan's dataset.
+      own_files: names a fresh directory may already hold (written by the same run, e.g.
+        the expansion's instruction list).
     """
 
     def __init__(self, root: str | os.PathLike, plan: dict, num_shards: int, *,
-                 extra_columns: Sequence[str] = (), overwrite: bool = False):
+                 extra_columns: Sequence[str] = (), overwrite: bool = False,
+                 own_files: Sequence[str] = ()):
+        self.own_files = set(own_files)
         self.root = Path(root)
         self.plan = dict(plan)
         self.plan_fingerprint = fingerprint_json(self.plan)
@@ -97,8 +101,10 @@ class GeneratedWriter:
         try:
             m = read_manifest(self.root, require_complete=False)
         except Exception:  # noqa: BLE001 — no (readable) manifest: a fresh directory
-            if self.root.exists() and any(self.root.iterdir()):
-                names = sorted(p.name for p in self.root.iterdir())[:5]
+            names = sorted(p.name for p in self.root.iterdir()
+                           if p.name not in self.own_files) if self.root.exists() else []
+            if names:
+                names = names[:5]
                 raise StoreMismatchError(
                     f"{str(self.root)!r} exists and is not a generated dataset (holds "
                     f"{names}); choose an empty or new --out") from None

@@ -65,17 +65,22 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, *, segment_ids=None, impl="xla", cache=None,
                  cache_index=None, return_scores=False):
         """Args:
-          x: `[B, L, H]`; cos, sin: `[B, L, head_dim]` f32; mask: `[B, L, Lk]` bool
-            (Lk = L, or the cache length when `cache` is given) for the "xla" kernel,
-            else unused (may be None).
+          x: `[B, L, H]`; cos, sin: `[B, L, head_dim]` f32; mask: `[B, L, L]` bool for
+            the "xla" kernel, else unused (may be None); with a cache, see `cache`.
           segment_ids: `[B, L]` int (0 = padding), what the fused kernels mask by.
           impl: "xla" | "cudnn" | "splash", from `fused_attention.resolve`; scores and a
             cache always take "xla".
-          cache: None or `{"k", "v"}: [B, S, kv_heads, head_dim]`; the new keys/values are
-            written at `cache_index` and attention runs over the whole cache.
+          cache: None or `{"k", "v"}: [B, S, kv_heads, head_dim]`, the keys/values of
+            earlier tokens; then `mask` is `(cache_mask [B, L, S], self_mask [B, L, L])`
+            (which cache slots, and which of the new tokens, each query sees) and the
+            cache is only read: the new tokens' keys/values are returned for the caller to
+            write at `cache_index` (one in-place write of all layers, rather than a new
+            copy of the cache per layer and step).
         Returns:
-          `(out [B, L, H], scores [B, heads, L, Lk] f32 | None, new cache | None)`.
-          Scores are the masked pre-softmax logits `q·k/√d` (masked keys = float32 min).
+          `(out [B, L, H], scores [B, heads, L, Lk] f32 | None, new {"k", "v"}: [B, L,
+          kv_heads, head_dim] | None)`. Scores are the masked pre-softmax logits `q·k/√d`
+          (masked keys = float32 min; with a cache, over the cache slots with the new
+          tokens written at `cache_index`).
         """
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.q_norm is not None:
@@ -83,16 +88,23 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is not None:
+            new = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+            cache_mask, self_mask = mask
+            if not return_scores:
+                out = attend_cached(q, cache["k"], cache["v"], new["k"], new["v"], cache_mask,
+                                    self_mask, self.num_kv_heads, self.dtype)
+                return self.o(out), None, new
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
-        if cache is not None or return_scores or impl == "xla":
+            k = jax.lax.dynamic_update_slice(cache["k"], new["k"], start)
+            v = jax.lax.dynamic_update_slice(cache["v"], new["v"], start)
+            mask = jax.lax.dynamic_update_slice(cache_mask, self_mask, (0, 0, cache_index))
+            out, scores = attend(q, k, v, mask, self.num_kv_heads, self.dtype, True)
+            return self.o(out), scores, new
+        if return_scores or impl == "xla":
             # without a cache the mask is causal in row order, so later key blocks can be
             # skipped (the XLA kernel on CPU; accelerators run their fused kernels)
             blocks = (causal_query_blocks(x.shape[1])
-                      if cache is None and not return_scores
-                      and platform.causal_query_blocks_enabled() else 1)
+                      if not return_scores and platform.causal_query_blocks_enabled() else 1)
             out, scores = attend(q, k, v, mask, self.num_kv_heads, self.dtype,
                                  return_scores, query_blocks=blocks)
         else:
@@ -101,7 +113,7 @@ class Attention(nnx.Module):
             out = kernel(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids,
                          self.sliding_window)
             out, scores = constrain(out, ("batch", "length", "heads", "head_dim")), None
-        return self.o(out), scores, cache
+        return self.o(out), scores, None
 
 
 def causal_query_blocks(length: int, block: int = 128, max_blocks: int = 8) -> int:
@@ -145,6 +157,36 @@ def attend(q, k, v, mask, num_kv_heads: int, dtype, return_scores: bool = False,
     b, lq, n, _ = q.shape
     scores = logits.reshape(b, n, lq, k.shape[1]) if return_scores else None
     return out, scores
+
+
+def attend_cached(q, k_cache, v_cache, k_new, v_new, cache_mask, self_mask,
+                  num_kv_heads: int, dtype):
+    """`softmax(q [k_cache; k_new]ᵀ/√d + mask) [v_cache; v_new]` without concatenating:
+    the softmax is taken jointly over the two score blocks, so the cache is only read
+    (by the two matmuls) and never copied.
+
+    Args:
+      q: `[B, L, heads, d]`; k_cache, v_cache: `[B, S, kv_heads, d]`; k_new, v_new:
+        `[B, L, kv_heads, d]`; cache_mask: `[B, L, S]` bool; self_mask: `[B, L, L]` bool.
+    Returns:
+      `out [B, L, heads, d]` in dtype.
+    """
+    b, lq, n, d = q.shape
+    kv = num_kv_heads
+    qg = q.reshape(b, lq, kv, n // kv, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    def scores(k, mask):
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+        return jnp.where(mask[:, None, None], s, MASKED)
+
+    s_cache, s_new = scores(k_cache, cache_mask), scores(k_new, self_mask)
+    top = jnp.maximum(s_cache.max(axis=-1, keepdims=True), s_new.max(axis=-1, keepdims=True))
+    p_cache, p_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
+    norm = p_cache.sum(axis=-1, keepdims=True) + p_new.sum(axis=-1, keepdims=True)
+    out = (jnp.einsum("bkgqs,bskd->bqkgd", (p_cache / norm).astype(dtype), v_cache.astype(dtype))
+           + jnp.einsum("bkgqs,bskd->bqkgd", (p_new / norm).astype(dtype), v_new.astype(dtype)))
+    return constrain(out.reshape(b, lq, n, d), ("batch", "length", "heads", "head_dim"))
 
 
 def _attend_grouped(q, k, v, mask, kv: int, dtype):

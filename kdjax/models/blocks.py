@@ -78,9 +78,11 @@ def run_blocks(blocks: Block, cfg: DecoderConfig, x, cos, sin, mask, segment_ids
       cos, sin, mask, segment_ids, impl: as `Attention` takes them (shared by all layers).
       hidden_layers: i in `[0, num_layers)` whose input residual stream to return.
       attention_layers: blocks whose scores to return.
-      cache: None or `{"k", "v"}: [num_layers, B, S, kv_heads, head_dim]`.
+      cache: None or `{"k", "v"}: [num_layers, B, S, kv_heads, head_dim]`, read only.
     Returns:
-      `(x [B, L, H], {i: [B, L, H]}, {i: scores}, new cache | None)`.
+      `(x [B, L, H], {i: [B, L, H]}, {i: scores}, new keys/values | None)`: with a cache,
+      `{"k", "v"}: [num_layers, B, L, kv_heads, head_dim]` of the L new tokens, for the
+      caller to write into the cache.
     """
     n = cfg.num_layers
     graphdef, state = nnx.split(blocks)
@@ -108,7 +110,7 @@ def run_blocks(blocks: Block, cfg: DecoderConfig, x, cos, sin, mask, segment_ids
 
 def _run_span(graphdef, cfg, impl, span, x, cos, sin, mask, segment_ids, cache, index):
     """The layers of `span` (stacked state) in order, scanned unless `cfg.scan_layers`
-    is False. Returns `(x, stacked new caches | None)`."""
+    is False. Returns `(x, stacked new keys/values | None)`."""
     step = _layer_step(graphdef, cfg.remat, False, impl, scan=cfg.scan_layers)
     if cfg.scan_layers:
         def body(x, layer):

@@ -113,17 +113,23 @@ class Decoder(nnx.Module):
         q_slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         index, k_segments, mask = None, segment_ids, None
         if cache is not None:
+            # the cache is read-only in the layers: the cache mask sees the slots before
+            # `index`, the self mask the new tokens; the new keys/values come back stacked
+            # and are written once below
             index = cache["index"]
+            k_slots = jnp.arange(cache["segment_ids"].shape[1], dtype=jnp.int32)
+            cache_mask = attention_mask(segment_ids, cache["segment_ids"], q_slots + index,
+                                        k_slots, cfg.sliding_window)
+            mask = (cache_mask & (k_slots < index)[None, None, :],
+                    attention_mask(segment_ids, segment_ids, q_slots, q_slots,
+                                   cfg.sliding_window))
             k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"],
                                                       segment_ids.astype(jnp.int32), (0, index))
         impl = "xla" if cache is not None else fused_attention.resolve(cfg.attention_impl,
                                                                       tokens.shape[1])
-        if impl == "xla" or attention_layers:  # the fused kernels mask by segment ids
-            k_slots = jnp.arange(k_segments.shape[1], dtype=jnp.int32)
-            if index is not None:
-                q_slots = q_slots + index
-            mask = attention_mask(segment_ids, k_segments, q_slots, k_slots,
-                                  cfg.sliding_window)
+        if cache is None and (impl == "xla" or attention_layers):
+            # the fused kernels mask by segment ids
+            mask = attention_mask(segment_ids, k_segments, q_slots, q_slots, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                          cfg.rope_scaling))
         x = constrain(embed_lookup(self.embed[...], tokens, cfg.dtype), _ACT)
@@ -140,7 +146,11 @@ class Decoder(nnx.Module):
             logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
-            new_cache = {"layers": layer_cache, "segment_ids": k_segments,
+            start = (0, 0, index, 0, 0)
+            layers = {name: jax.lax.dynamic_update_slice(cache["layers"][name],
+                                                         layer_cache[name], start)
+                      for name in ("k", "v")}
+            new_cache = {"layers": layers, "segment_ids": k_segments,
                          "index": index + tokens.shape[1]}
         return DecoderOutput(logits, hidden, hidden_states, scores, new_cache)
 

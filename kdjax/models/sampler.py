@@ -3,13 +3,19 @@
 Prompts are left-aligned into a cache of `P + max_new_tokens` slots (padding slots get
 segment 0 and are never attended), prefilled in one forward, then decoded one token
 per step inside a single `lax.while_loop`: every shape is static, so a call compiles
-once for its (batch, prompt length, max_new_tokens, sampling mode) and never per step.
-Sampling: greedy (`temperature=0`), temperature, top-k, top-p (nucleus; Holtzman et
-al. 2020), stopping rows at EOS (later slots hold `pad_token_id`).
+once for its (batch, prompt length, max_new_tokens, sampling mode) and never per step;
+callers bucket prompt lengths so that each bucket compiles once (`TRACE_COUNTS` counts
+the traces). Sampling: greedy (`temperature=0`), temperature, top-k, top-p (nucleus;
+Holtzman et al. 2020), see `kdjax.models.sampling`. Every row draws from its own key, so
+a row's completion does not depend on the batch, bucket, device or host it ran in.
+
+Each decode step writes only the new token's keys/values into the cache, in place (the
+cache is a loop carry and the layers only read it; see `attention.attend_cached`).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 
@@ -19,23 +25,50 @@ import numpy as np
 from flax import nnx, struct
 
 from .decoder import Decoder
+from .sampling import num_candidates, select_tokens
+
+FINISH_REASONS = ("length", "eos", "stop")  # finish_reason codes 0, 1, 2
+# (batch, prompt length, max_new_tokens, mode) -> times `_generate` was traced; a test
+# asserts one trace per bucket
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 @struct.dataclass
 class GenerateOutput:
-    """tokens: `[B, max_new_tokens]` int32 generated ids (pad after EOS);
-    lengths: `[B]` int32 number of generated tokens including the EOS;
-    sequences: `[B, P + max_new_tokens]` prompt (right-padded as given) then tokens."""
+    """What `generate` returns (`R` = rows = batch × n).
+
+    Attributes:
+      tokens: `[R, max_new_tokens]` int32 generated ids; after a row ends, `pad_token_id`.
+      lengths: `[R]` int32 number of generated tokens, the stop token included.
+      sequences: `[R, P + max_new_tokens]` prompt (right-padded as given) then tokens.
+      logprobs: `[R, max_new_tokens]` f32 log-probability of each generated token under
+        the model at temperature 1 (`log_softmax` of the raw logits, before temperature,
+        top-k and top-p), 0 after the row ends; the mean over a row is
+        `logprobs.sum(1) / lengths`.
+      finish_reason: `[R]` int32 index into `FINISH_REASONS`: 0 "length" (ran
+        max_new_tokens), 1 "eos" (emitted an eos id), 2 "stop" (another stop id).
+    """
 
     tokens: jax.Array
     lengths: jax.Array
     sequences: jax.Array
+    logprobs: jax.Array
+    finish_reason: jax.Array
+
+    def finish_reasons(self) -> list[str]:
+        """`finish_reason` as names ("length", "eos", "stop")."""
+        return [FINISH_REASONS[int(i)] for i in np.asarray(self.finish_reason)]
+
+    def mean_logprobs(self) -> np.ndarray:
+        """`[R]` mean log-probability of each row's generated tokens (stop token included)."""
+        lp, n = np.asarray(self.logprobs, np.float64), np.asarray(self.lengths)
+        return (lp.sum(axis=1) / np.maximum(n, 1)).astype(np.float32)
 
 
 def init_cache(config, batch: int, length: int, dtype=None) -> dict:
     """An empty KV cache: `layers: {"k", "v"}: [num_layers, B, length, kv_heads, head_dim]`
-    (stacked on the layer axis like the blocks' parameters, so the layer scan carries it),
-    key `segment_ids [B, length]` (0 = empty) and the next write `index`."""
+    (stacked on the layer axis like the blocks' parameters), key `segment_ids [B, length]`
+    (0 = empty) and the next write `index`."""
     dtype = dtype or config.dtype
     shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
     layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -43,29 +76,31 @@ def init_cache(config, batch: int, length: int, dtype=None) -> dict:
             "index": jnp.zeros((), jnp.int32)}
 
 
-def _filter_logits(logits, temperature, top_k, top_p):
-    """Scaled logits `[B, V]` f32 with tokens outside the top-k (`top_k` 0 = off) and then
-    outside the top-p nucleus (`top_p` 1 = off) at -inf. All three are traced values,
-    so changing them never recompiles; ties at the k-th value are all kept."""
-    logits = logits / temperature
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    kth = jnp.take(sorted_logits, jnp.maximum(top_k, 1) - 1, axis=-1)[:, None]
-    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
-    sorted_logits = jnp.where((top_k > 0) & (sorted_logits < kth), -jnp.inf, sorted_logits)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep a token if the mass strictly before it is < top_p (always keeps the first)
-    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    rows = jnp.arange(logits.shape[0])[:, None]
-    keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
+def example_keys(seed: int, example_ids, sample_index: int | None = None) -> jax.Array:
+    """`[B]` PRNG keys `fold_in(key(seed), example_id)` (and then `fold_in(·,
+    sample_index)` when given): a key per example that does not depend on its position
+    in a batch, for `generate(seeds=...)`."""
+    ids = jnp.asarray(np.asarray(example_ids, np.uint32))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
+    if sample_index is not None:
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, sample_index))(keys)
+    return keys
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _generate(graphdef, state, prompts, lengths, key, temperature, top_k, top_p, eos, pad_id,
-              *, max_new_tokens: int, greedy: bool):
-    model = nnx.merge(graphdef, state)
+def trace_count() -> int:
+    """How many times the generation program has been traced (compiled) so far."""
+    return sum(TRACE_COUNTS.values())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "filtered",
+                                             "candidates"))
+def _generate(graphdef, state, prompts, lengths, keys, temperature, top_k,
+              top_p, eos, stop, pad_id, *, max_new_tokens: int, greedy: bool, filtered: bool,
+              candidates: int):
     b, p = prompts.shape
+    TRACE_COUNTS[(b, p, max_new_tokens, "greedy" if greedy else
+                  "filtered" if filtered else "sample")] += 1
+    model = nnx.merge(graphdef, state)
     shift = p - lengths  # left-align: row r's prompt ends at slot p - 1
     slots = jnp.arange(p, dtype=jnp.int32)[None, :]
     src = jnp.clip(slots - shift[:, None], 0, p - 1)
@@ -81,39 +116,81 @@ def _generate(graphdef, state, prompts, lengths, key, temperature, top_k, top_p,
         return jnp.einsum("bh,hv->bv", hidden_last, lm_head).astype(jnp.float32)
 
     def cond(carry):
-        t, _, _, _, done, _ = carry
-        return (t < max_new_tokens) & ~jnp.all(done)
+        return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
 
     def body(carry):
-        t, cache, logits, generated, done, key = carry
-        key, sub = jax.random.split(key)
-        if greedy:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            filtered = _filter_logits(logits, temperature, top_k, top_p)
-            tok = jax.random.categorical(sub, filtered, axis=-1).astype(jnp.int32)
+        t, cache, logits, generated, logprobs, done, reason, count = carry
+        step_keys = None if greedy else jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+        tok = select_tokens(logits, step_keys, temperature, top_k, top_p, greedy=greedy,
+                            filtered=filtered, candidates=candidates)
+        lp = (jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+              - jax.nn.logsumexp(logits, axis=-1))
         tok = jnp.where(done, pad_id, tok)
-        generated = generated.at[:, t].set(tok)
-        done = done | jnp.isin(tok, eos)
+        generated = jax.lax.dynamic_update_slice(generated, tok[:, None], (0, t))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(done, 0.0, lp)[:, None],
+                                                (0, t))
+        count = count + (~done).astype(jnp.int32)
+        hit_eos = ~done & jnp.isin(tok, eos)
+        hit_stop = ~done & ~hit_eos & jnp.isin(tok, stop)
+        reason = jnp.where(hit_eos, 1, jnp.where(hit_stop, 2, reason))
+        done = done | hit_eos | hit_stop
         step = model(tok[:, None], segment_ids=jnp.ones((b, 1), jnp.int32),
                      positions=(lengths + t)[:, None], cache=cache, return_logits=False)
-        return t + 1, step.cache, next_logits(step.hidden[:, -1]), generated, done, key
+        return (t + 1, step.cache, next_logits(step.hidden[:, -1]), generated, logprobs,
+                done, reason, count)
 
-    generated = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    carry = (jnp.int32(0), out.cache, next_logits(out.hidden[:, -1]), generated,
-             jnp.zeros((b,), bool), key)
-    _, _, _, generated, _, _ = jax.lax.while_loop(cond, body, carry)
-    is_eos = jnp.isin(generated, eos)
-    first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
-    return generated, first_eos.astype(jnp.int32)
+    carry = (jnp.int32(0), out.cache, next_logits(out.hidden[:, -1]),
+             jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+             jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool),
+             jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
+    _, _, _, generated, logprobs, _, reason, count = jax.lax.while_loop(cond, body, carry)
+    return generated, count, logprobs, reason
+
+
+def _row_keys(seed, seeds, batch: int, n: int) -> jax.Array:
+    """`[batch * n]` keys: example key e_i (`seeds[i]`, or `fold_in(key(seed), i)`), then
+    `fold_in(e_i, j)` for its j-th sample."""
+    if seeds is None:
+        base = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        if not (isinstance(base, jax.Array) and jnp.issubdtype(base.dtype,
+                                                                 jax.dtypes.prng_key)
+                and base.shape == ()):
+            raise ValueError("seed must be an int or a single PRNG key (jax.random.key)")
+        examples = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+    else:
+        if isinstance(seeds, jax.Array) and jnp.issubdtype(seeds.dtype, jax.dtypes.prng_key):
+            examples = seeds
+        else:
+            ints = np.asarray(seeds)
+            if not np.issubdtype(ints.dtype, np.integer):
+                raise ValueError(f"seeds must be [batch] ints or PRNG keys, got dtype "
+                                 f"{ints.dtype}")
+            examples = jax.vmap(jax.random.key)(jnp.asarray(ints.astype(np.uint32)))
+        if examples.shape != (batch,):
+            raise ValueError(f"seeds must be one per prompt, [{batch}], got shape "
+                             f"{examples.shape}")
+    samples = jnp.arange(n, dtype=jnp.uint32)
+    keys = jax.vmap(lambda e: jax.vmap(lambda j: jax.random.fold_in(e, j))(samples))(examples)
+    return keys.reshape(batch * n)
+
+
+def _ids(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    ids = [int(i) for i in np.atleast_1d(np.asarray(value))]
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{name} must be token ids >= 0, got {ids}")
+    return ids
 
 
 def generate(model: Decoder, prompts, *, max_new_tokens: int,
              prompt_lengths: Sequence[int] | np.ndarray | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-             seed: int | jax.Array = 0) -> GenerateOutput:
-    """Generates `max_new_tokens` tokens per row (fewer real ones after EOS).
+             eos_token_id: int | Sequence[int] | None = None,
+             stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+             seed: int | jax.Array = 0, seeds=None, n: int = 1,
+             mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
+    """Generates up to `max_new_tokens` tokens per row, `n` rows per prompt.
 
     Args:
       model: a `Decoder`.
@@ -122,36 +199,95 @@ def generate(model: Decoder, prompts, *, max_new_tokens: int,
       prompt_lengths: `[B]` real prompt lengths (default: all P); each must be ≥ 1.
       temperature: 0 = greedy (argmax, equal to transformers' greedy `generate`); > 0
         samples from `softmax(logits / temperature)`, optionally restricted to the
-        `top_k` largest logits and/or the `top_p` nucleus.
-      eos_token_id: id or ids that end a row (default: the model config's eos, if any).
+        `top_k` largest logits (exactly k; ties to the lower id) and then to the `top_p`
+        nucleus of that distribution.
+      eos_token_id: id or ids that end a row with finish reason "eos"; None (default):
+        the model config's eos, if any; `[]`: none.
+      stop_token_ids: more ids that end a row (finish reason "stop"). A stop or eos token
+        is kept in `tokens` and counted in `lengths`; later slots hold `pad_token_id`
+        (with pad == eos, the first eos is the real one).
       pad_token_id: id written after a row ends.
-      seed: int or PRNG key for sampling.
+      seed: int or PRNG key, when `seeds` is None: prompt i's key is
+        `fold_in(key(seed), i)` (depends on its position in this call).
+      seeds: `[B]` ints or PRNG keys, one per prompt (see `example_keys`): a row's
+        completion then depends only on its prompt and key, not on the batch, its
+        position, the device count or the host count.
+      n: completions per prompt: rows `i * n + j` (j < n) continue prompt i with key
+        `fold_in(e_i, j)`, e_i prompt i's key.
+      mesh: split the rows over the mesh's data-parallel axes ("batch" logical axis;
+        the rows are padded to a multiple of that size); the model's parameters are
+        placed by their logical axes unless already on the mesh.
+    Returns:
+      `GenerateOutput` (`B * n` rows, gathered onto the default device).
     """
-    prompts = jnp.asarray(prompts, jnp.int32)
-    if prompts.ndim != 2 or prompts.shape[1] == 0:
-        raise ValueError(f"prompts must be [batch, length>0] token ids, got {prompts.shape}")
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] == 0 or not np.issubdtype(prompts.dtype,
+                                                                         np.integer):
+        raise ValueError(f"prompts must be [batch, length>0] int token ids, got shape "
+                         f"{prompts.shape} dtype {prompts.dtype}")
     b, p = prompts.shape
+    vocab = model.config.vocab_size
     lengths = np.full((b,), p) if prompt_lengths is None else np.asarray(prompt_lengths)
     if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:
         raise ValueError(f"prompt_lengths must be [{b}] ints in [1, {p}], got {lengths}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={model.config.vocab_size}], got "
-                         f"{top_k}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (completions per prompt) must be an int >= 1, got {n!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
+                         f"{temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    # -1 never matches a token; one slot keeps the shape (and the compile) the same
-    eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id).astype(np.int32)
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    eos, stop = _ids(eos_token_id, "eos_token_id"), _ids(stop_token_ids, "stop_token_ids")
+    stop = [i for i in stop if i not in eos]
+    greedy = temperature == 0
+    filtered = not greedy and (top_k is not None or (top_p is not None and top_p < 1))
+    keys = _row_keys(seed, seeds, b, n)
+    if n > 1:
+        prompts, lengths = np.repeat(prompts, n, axis=0), np.repeat(lengths, n)
+    rows = b * n
     graphdef, state = nnx.split(model)
-    tokens, lengths_out = _generate(
-        graphdef, state, prompts, jnp.asarray(lengths, jnp.int32), key,
-        jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k or 0), jnp.float32(top_p or 1.0),
-        jnp.asarray(eos), jnp.int32(pad_token_id),
-        max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
-    return GenerateOutput(tokens, lengths_out, jnp.concatenate([prompts, tokens], axis=1))
+    args = [np.asarray(prompts, np.int32), np.asarray(lengths, np.int32), keys]
+    context = None
+    if mesh is not None:
+        from kdjax.sharding import data_parallel_size, logical_to_spec, state_shardings
+
+        dp = data_parallel_size(mesh)
+        extra = -rows % dp  # pad rows to a multiple of the data-parallel size
+        if extra:
+            args = [np.concatenate([args[0], np.repeat(args[0][-1:], extra, 0)]),
+                    np.concatenate([args[1], np.repeat(args[1][-1:], extra, 0)]),
+                    jnp.concatenate([keys, jnp.repeat(keys[-1:], extra)])]
+        spec = logical_to_spec(("batch",), mesh=mesh)
+        rows_sharding = jax.sharding.NamedSharding(mesh, spec)
+        matrix_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*spec, None))
+        args = [jax.device_put(args[0], matrix_sharding),
+                jax.device_put(args[1], rows_sharding), jax.device_put(args[2], rows_sharding)]
+        placed = all(getattr(x.sharding, "mesh", None) == mesh
+                     for x in jax.tree.leaves(state))
+        if not placed:
+            state = jax.device_put(state, state_shardings(state, mesh))
+        context = jax.set_mesh(mesh)
+    call = functools.partial(
+        _generate, graphdef, state, *args, jnp.float32(max(temperature, 1e-6)),
+        jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p),
+        jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop or [-1], jnp.int32),
+        jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens), greedy=greedy,
+        filtered=filtered, candidates=num_candidates(vocab, top_k) if filtered else 0)
+    if context is None:
+        tokens, count, logprobs, reason = call()
+    else:
+        with context:
+            tokens, count, logprobs, reason = call()
+    # gathered (and the mesh's padding rows dropped) into arrays on the default device
+    tokens, count, logprobs, reason = (jnp.asarray(np.asarray(x)[:rows])
+                                       for x in (tokens, count, logprobs, reason))
+    sequences = jnp.concatenate([jnp.asarray(prompts, jnp.int32), tokens], axis=1)
+    return GenerateOutput(tokens=tokens, lengths=count, sequences=sequences,
+                          logprobs=logprobs, finish_reason=reason)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kdjax.models import generate
-from kdjax.models.sampler import _filter_logits, _generate
+from kdjax.models.sampler import _generate
+from kdjax.models.sampling import filter_logits
 from tests.models.conftest import VOCAB
 
 LENGTHS = [6, 3, 5]
@@ -21,14 +22,19 @@ def _prompts(rng):
     return prompts
 
 
-def _torch_greedy(fam, prompt, eos=None):
+def _torch_greedy(fam, prompt, eos=None, new=NEW):
+    """transformers' greedy generate, stopping at `eos` only (its generation config's eos
+    is switched off: `eos_token_id=None` alone would fall back to it)."""
     model = fam.torch_model.float()
+    config = model.generation_config
+    saved, config.eos_token_id = config.eos_token_id, eos
     try:
         with torch.no_grad():
-            out = model.generate(torch.as_tensor(prompt[None]), max_new_tokens=NEW,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=0,
+            out = model.generate(torch.as_tensor(prompt[None]), max_new_tokens=new,
+                                 do_sample=False, pad_token_id=0,
                                  attention_mask=torch.ones((1, len(prompt)), dtype=torch.long))
     finally:
+        config.eos_token_id = saved
         fam.torch_model.double()
     return out[0, len(prompt):].tolist()
 
@@ -39,14 +45,14 @@ def test_greedy_matches_transformers_and_compiles_once(families, name, rng):
     prompts = _prompts(rng)
     before = _generate._cache_size()
     out = generate(fam.model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW,
-                   eos_token_id=None)
+                   eos_token_id=[])
     assert out.tokens.shape == (3, NEW) and out.tokens.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out.lengths), NEW)
     for r, n in enumerate(LENGTHS):
         assert np.asarray(out.tokens[r]).tolist() == _torch_greedy(fam, prompts[r, :n]), r
     # new prompt values and lengths, same shapes: no new compilation
     generate(fam.model, _prompts(rng), prompt_lengths=[2, 6, 4], max_new_tokens=NEW,
-             eos_token_id=None)
+             eos_token_id=[])
     assert _generate._cache_size() == before + 1
 
 
@@ -54,7 +60,7 @@ def test_eos_stops_rows_and_pads(families, rng):
     fam = families("llama")
     prompts = _prompts(rng)
     free = generate(fam.model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW,
-                    eos_token_id=None)
+                    eos_token_id=[])
     eos = int(free.tokens[0, 2])  # row 0 emits it at step 2
     before = _generate._cache_size()
     out = generate(fam.model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW,
@@ -74,9 +80,9 @@ def test_top_k_one_sampling_is_greedy(families, rng):
     fam = families("llama")
     prompts = _prompts(rng)
     greedy = generate(fam.model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW,
-                      eos_token_id=None)
+                      eos_token_id=[])
     sampled = generate(fam.model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW,
-                       eos_token_id=None, temperature=1.5, top_k=1, seed=3)
+                       eos_token_id=[], temperature=1.5, top_k=1, seed=3)
     np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(greedy.tokens))
 
 
@@ -97,7 +103,7 @@ def _reference_filter(logits, temperature, top_k, top_p):
 @pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.6), (7, 0.8), (None, 1e-9)])
 def test_filter_logits_matches_reference(rng, top_k, top_p):
     logits = rng.normal(size=(4, 40)).astype(np.float32) * 3
-    got = np.asarray(_filter_logits(jnp.asarray(logits), 0.7, top_k or 0, top_p or 1.0))
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0.7, top_k, top_p))
     want = _reference_filter(logits.astype(np.float64), 0.7, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     kept = np.isfinite(want)
@@ -115,7 +121,7 @@ def test_sampling_follows_the_distribution(families, rng):
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     draws = np.concatenate([
         np.asarray(generate(fam.model, prompt, max_new_tokens=NEW, temperature=1.0,
-                            eos_token_id=None, seed=s).tokens[:, 0]) for s in range(60)])
+                            eos_token_id=[], seed=s).tokens[:, 0]) for s in range(60)])
     top = int(np.argmax(probs))
     freq = (draws == top).mean()
     assert abs(freq - probs[top]) < 4 * np.sqrt(probs[top] * (1 - probs[top]) / len(draws))

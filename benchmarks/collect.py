@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 AREAS = ("losses", "losses_quick", "model", "model_2cores", "layers", "loader", "precompute",
-         "train", "train_2cores", "scale", "scan_compile")
+         "train", "train_2cores", "scale", "scan_compile", "generate")
 GRID_ROW = re.compile(r"^\| (naive JAX|fused) \| (\d+) \| (\d+) \| (\d+) \| (f32|bf16) \| "
                       r"[^|]* \| ([\d,]+) \|")
 TARGET_RATIO = 0.10  # issue 3: fused temp memory ≤ 10% of naive

@@ -147,6 +147,22 @@ def _generate(graphdef, state, prompts, lengths, keys, temperature, top_k,
     return generated, count, logprobs, reason
 
 
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    """`x` (whole on every process) as a global array of `sharding`, multi-host too."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _gathered(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) row-sharded array on this host: every process
+    runs the same rows, so each gets all of them."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _row_keys(seed, seeds, batch: int, n: int) -> jax.Array:
     """`[batch * n]` keys: example key e_i (`seeds[i]`, or `fold_in(key(seed), i)`), then
     `fold_in(e_i, j)` for its j-th sample."""
@@ -267,8 +283,12 @@ def generate(model: Decoder, prompts, *, max_new_tokens: int,
         rows_sharding = jax.sharding.NamedSharding(mesh, spec)
         matrix_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(*spec, None))
-        args = [jax.device_put(args[0], matrix_sharding),
-                jax.device_put(args[1], rows_sharding), jax.device_put(args[2], rows_sharding)]
+        # every process holds all rows: each places the shards its devices own
+        key_data = np.asarray(jax.random.key_data(args[2]))
+        args = [_global(args[0], matrix_sharding), _global(args[1], rows_sharding),
+                jax.random.wrap_key_data(_global(key_data, jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec(*spec, None))),
+                    impl=jax.random.key_impl(args[2]))]
         placed = all(getattr(x.sharding, "mesh", None) == mesh
                      for x in jax.tree.leaves(state))
         if not placed:
@@ -286,7 +306,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens: int,
         with context:
             tokens, count, logprobs, reason = call()
     # gathered (and the mesh's padding rows dropped) into arrays on the default device
-    tokens, count, logprobs, reason = (jnp.asarray(np.asarray(x)[:rows])
+    tokens, count, logprobs, reason = (jnp.asarray(_gathered(x)[:rows])
                                        for x in (tokens, count, logprobs, reason))
     sequences = jnp.concatenate([jnp.asarray(prompts, jnp.int32), tokens], axis=1)
     return GenerateOutput(tokens=tokens, lengths=count, sequences=sequences,

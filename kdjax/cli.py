@@ -12,13 +12,14 @@ import os
 import sys
 
 # modules that provide add_parser, in the order `kdjax --help` lists their commands:
-# quickstart; pack; precompute, inspect; generate, filter; train, eval, export; convert;
+# quickstart; pack; precompute, inspect; generate, filter; score; train, eval, export; convert;
 # compile; bench
 _MODULES = (
     "kdjax.quickstart",
     "kdjax.data.cli",
     "kdjax.teacher.cli",
     "kdjax.generate.cli",
+    "kdjax.score.cli",
     "kdjax.train.cli",
     "kdjax.models.convert_cli",
     "kdjax.compile.cli",

@@ -58,7 +58,9 @@ def shard_path(root: str | os.PathLike, shard: int) -> Path:
 
 
 class GeneratedWriter:
-    """Writes a generated dataset shard by shard, resumably.
+    """Writes a generated dataset shard by shard, resumably. Subclasses write other kinds
+    of parquet datasets the same way by setting `KIND`, `NOUN`, `FORMAT_VERSION` and
+    overriding `schema()`, `columns()` and `check_record()` (`kdjax.score.dataset`).
 
     Args:
       root: the dataset directory.
@@ -70,6 +72,10 @@ class GeneratedWriter:
       own_files: names a fresh directory may already hold (written by the same run, e.g.
         the expansion's instruction list).
     """
+
+    KIND = KIND
+    NOUN = "generated dataset"
+    FORMAT_VERSION = FORMAT_VERSION
 
     def __init__(self, root: str | os.PathLike, plan: dict, num_shards: int, *,
                  extra_columns: Sequence[str] = (), overwrite: bool = False,
@@ -87,7 +93,7 @@ class GeneratedWriter:
                 changed = sorted(k for k in {*old.get("plan", {}), *self.plan}
                                  if old.get("plan", {}).get(k) != self.plan.get(k))
                 raise StoreMismatchError(
-                    f"{str(self.root)!r} holds a generated dataset made with other settings "
+                    f"{str(self.root)!r} holds a {self.NOUN} made with other settings "
                     f"(differing: {', '.join(changed) or 'format'}); pass --overwrite to "
                     "replace it, or write to another --out")
             self.ledger.clear()
@@ -106,40 +112,53 @@ class GeneratedWriter:
             if names:
                 names = names[:5]
                 raise StoreMismatchError(
-                    f"{str(self.root)!r} exists and is not a generated dataset (holds "
+                    f"{str(self.root)!r} exists and is not a {self.NOUN} (holds "
                     f"{names}); choose an empty or new --out") from None
             return None
-        if m.get("kind") != KIND:
+        if m.get("kind") != self.KIND:
             raise StoreMismatchError(f"{str(self.root)!r} holds a {m.get('kind')!r} store, "
-                                     "not a generated dataset; choose another --out")
+                                     f"not a {self.NOUN}; choose another --out")
         return m
 
     def _manifest(self, *, complete: bool, summary: dict | None = None) -> dict:
-        return {"kind": KIND, "format_version": FORMAT_VERSION, "plan": self.plan,
+        return {"kind": self.KIND, "format_version": self.FORMAT_VERSION, "plan": self.plan,
                 "tokenizer_fingerprint": self.plan.get("tokenizer_fingerprint"),
                 "plan_fingerprint": self.plan_fingerprint, "num_shards": self.num_shards,
-                "columns": [*COLUMNS, *self.extra_columns], "summary": summary or {},
+                "columns": self.columns(), "summary": summary or {},
                 "complete": complete}
 
     def missing(self) -> list[int]:
         """Shards still to write (all of them on a fresh run)."""
         return self.ledger.missing()
 
-    def write_shard(self, shard: int, records: Sequence[dict]) -> None:
-        """Writes one shard's records atomically, then records it in the ledger."""
+    def schema(self):
+        """The pyarrow schema of a shard."""
+        return _schema(self.extra_columns)
+
+    def columns(self) -> list[str]:
+        return [*COLUMNS, *self.extra_columns]
+
+    def check_record(self, r: dict) -> None:
+        """Raises ValueError for a record the dataset must not hold."""
+        if r["finish_reason"] not in FINISH_REASONS:
+            raise ValueError(f"finish_reason {r['finish_reason']!r} is not one of "
+                             f"{FINISH_REASONS}")
+
+    def write_shard(self, shard: int, records: Sequence[dict],
+                    info: dict | None = None) -> None:
+        """Writes one shard's records atomically, then records it in the ledger (with
+        `info`, e.g. the shard's counts, beside its record count)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = _schema(self.extra_columns)
+        schema = self.schema()
         for r in records:
-            if r["finish_reason"] not in FINISH_REASONS:
-                raise ValueError(f"finish_reason {r['finish_reason']!r} is not one of "
-                                 f"{FINISH_REASONS}")
+            self.check_record(r)
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records],
                                      schema=schema)
         with atomic_path(shard_path(self.root, shard)) as tmp:
             pq.write_table(table, tmp, compression="zstd")
-        self.ledger.record(shard, {"records": len(records)})
+        self.ledger.record(shard, {"records": len(records), **(info or {})})
 
     def finish(self, summary: dict) -> None:
         """Marks the dataset complete (after every shard is in the ledger)."""

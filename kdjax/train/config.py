@@ -45,8 +45,8 @@ from kdjax.schema import ConfigError, check, check_choice
 __all__ = [
     "AttentionTerm", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "HiddenTerm", "LoggingConfig", "MeshConfig", "ModelConfig", "ObjectiveConfig",
-    "OptimizerConfig", "Schedule", "StoreConfig", "TeacherConfig", "apply_overrides",
-    "config_from_dict", "load_config",
+    "OnPolicyConfig", "OptimizerConfig", "Schedule", "StoreConfig", "TeacherConfig",
+    "apply_overrides", "config_from_dict", "load_config",
 ]
 
 
@@ -354,6 +354,76 @@ class AttentionTerm:
               "attention.weight > 0 needs a layer_map such as {3: 11}")
 
 
+ON_POLICY_LOSSES = ("gkd", "rkl_reward", "minillm")
+ROLLOUT_SOURCES = ("student", "teacher", "mixed")
+
+
+@_frozen
+class OnPolicyConfig:
+    """On-policy distillation (GKD, on-policy reverse KL, MiniLLM): completions sampled
+    inside the step from the current student (or the teacher, or their mixture) and
+    scored by the online teacher. Needs `teacher.path` and an example store in
+    `data.train` (`kdjax pack --layout examples`). See `kdjax.train.on_policy`."""
+
+    loss: str | None = None
+    """null (off) | gkd (objective.divergence per completion token, e.g. jsd β = 0.5) |
+    rkl_reward (policy gradient on r = log p − log q_old) | minillm (length-normalised
+    policy gradient + the exact single-step reverse KL, PPO clip)."""
+    fraction: float = 1.0
+    """λ in [0, 1]: probability that an example's completion is sampled (drawn per
+    example from the step's key); the others keep the dataset completion."""
+    source: str = "student"
+    """Who samples: student (on-policy), teacher (online SeqKD) or mixed (MiniLLM's
+    α·p + (1 − α)·q, importance-weighted)."""
+    mix_alpha: float = 0.2
+    """α of teacher-mixed sampling (source=mixed)."""
+    max_new_tokens: int = 32
+    """Tokens sampled per completion (the rollout's fixed width)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy); separate from objective.temperature."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only (null: all)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold in (0, 1] (null: off)."""
+    stop_ids: list = dataclasses.field(default_factory=list)
+    """Token ids that end a completion besides the student's eos id (kept, trained on)."""
+    gamma: float | None = None
+    """Discount γ in [0, 1] of the advantages; null = 0 for rkl_reward, 1 for minillm."""
+    clip_eps: float | None = None
+    """PPO clip ε of the importance ratio; null = none for rkl_reward, 0.2 for minillm."""
+
+    def __post_init__(self):
+        k = "objective.on_policy"
+        if self.loss is not None:
+            check_choice(self.loss, ON_POLICY_LOSSES, f"{k}.loss")
+        check_choice(self.source, ROLLOUT_SOURCES, f"{k}.source")
+        check(0.0 <= self.fraction <= 1.0, f"{k}.fraction",
+              f"must be in [0, 1], got {self.fraction}")
+        check(0.0 <= self.mix_alpha <= 1.0, f"{k}.mix_alpha",
+              f"must be in [0, 1], got {self.mix_alpha}")
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+              f"{k}.max_new_tokens", f"must be an int >= 1, got {self.max_new_tokens!r}")
+        check(self.temperature >= 0 and math.isfinite(self.temperature), f"{k}.temperature",
+              f"must be >= 0 (0 = greedy), got {self.temperature}")
+        check(self.top_k is None or self.top_k >= 1, f"{k}.top_k",
+              f"must be >= 1 or null, got {self.top_k}")
+        check(self.top_p is None or 0 < self.top_p <= 1, f"{k}.top_p",
+              f"must be in (0, 1] or null, got {self.top_p}")
+        check(all(isinstance(i, int) and i >= 0 for i in self.stop_ids), f"{k}.stop_ids",
+              f"must be a list of token ids (ints >= 0), got {self.stop_ids!r}")
+        check(self.gamma is None or 0.0 <= self.gamma <= 1.0, f"{k}.gamma",
+              f"must be in [0, 1] or null, got {self.gamma}")
+        check(self.clip_eps is None or self.clip_eps > 0, f"{k}.clip_eps",
+              f"must be > 0 or null, got {self.clip_eps}")
+        check(self.source != "mixed" or self.loss == "minillm", f"{k}.source",
+              "mixed (teacher-mixed) sampling is MiniLLM's: set objective.on_policy.loss="
+              f"minillm, or source=student|teacher (got loss={self.loss!r})")
+
+    @property
+    def active(self) -> bool:
+        return self.loss is not None
+
+
 @_frozen
 class ObjectiveConfig:
     """loss = (1 − α)·s·D(p_T ‖ q_T) + α·CE + w_h·hidden + w_a·attention,
@@ -381,6 +451,8 @@ class ObjectiveConfig:
     """Use `kdjax.losses.fused_distill` (no [N, V] logits beyond one chunk)."""
     chunk_size: int | None = None
     """Tokens per chunk in the fused kernel; None lets the kernel choose."""
+    on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
+    """On-policy distillation (GKD / rkl_reward / MiniLLM); off unless `loss` is set."""
 
     def __post_init__(self):
         check_choice(self.divergence, list(DIVERGENCES), "objective.divergence")
@@ -410,11 +482,14 @@ class ObjectiveConfig:
     def needs_teacher(self) -> bool:
         """Whether any term needs a teacher signal (store or online model)."""
         ce_only = self.alpha == 1.0 and self.alpha_schedule.kind == "constant"
-        return not ce_only or self.hidden.weight > 0 or self.attention.weight > 0
+        return (not ce_only or self.hidden.weight > 0 or self.attention.weight > 0
+                or self.on_policy.active)
 
     def build(self, teacher_source: str, total_steps: int,
-              store_manifest: Mapping[str, Any] | None = None):
-        """The `kdjax.train.objective.Objective` of this section.
+              store_manifest: Mapping[str, Any] | None = None, *,
+              eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+        """The `kdjax.train.objective.Objective` of this section (an
+        `kdjax.train.on_policy.OnPolicyObjective` around it when `on_policy.loss` is set).
 
         Args:
           teacher_source: "store" (offline), "online" or "none" (`Config.teacher_source`).
@@ -422,14 +497,20 @@ class ObjectiveConfig:
             schedules that set no `steps` of their own.
           store_manifest: the teacher store's manifest for offline KD (its mode, k,
             num_samples and temperature are kept), or None.
+          eos_ids, pad_id: the student's end-of-sequence ids (they end a sampled
+            completion) and padding id (on-policy only).
         """
         from kdjax.train.objective import Objective
 
         manifest = {k: store_manifest[k] for k in ("mode", "num_samples", "k", "temperature")
                     if store_manifest and k in store_manifest}
-        return Objective(
-            divergence=self.divergence,
-            divergence_kwargs=tuple(sorted(self.divergence_kwargs.items())),
+        op = self.on_policy
+        divergence, kwargs = self.divergence, self.divergence_kwargs
+        if op.loss == "minillm":  # its single-step term is the exact reverse KL
+            divergence, kwargs = "reverse_kl", {}
+        base = Objective(
+            divergence=divergence,
+            divergence_kwargs=tuple(sorted(kwargs.items())),
             alpha=self.alpha_schedule.build(self.alpha, total_steps),
             temperature=self.temperature_schedule.build(self.temperature, total_steps),
             t2_scaling=self.t2_scaling, teacher_source=teacher_source,
@@ -440,6 +521,18 @@ class ObjectiveConfig:
             hidden_projection=self.hidden.projection,
             attention_layers=_pairs(self.attention.layer_map, self.attention.weight),
             attention_weight=self.attention.weight)
+        if not op.active:
+            return base
+        from kdjax.train.on_policy import OnPolicyObjective
+
+        default_gamma, default_clip = (1.0, 0.2) if op.loss == "minillm" else (0.0, None)
+        return OnPolicyObjective(
+            base=base, loss=op.loss, fraction=float(op.fraction), source=op.source,
+            mix_alpha=float(op.mix_alpha), max_new_tokens=op.max_new_tokens,
+            temperature=float(op.temperature), top_k=op.top_k, top_p=op.top_p,
+            stop_ids=tuple(dict.fromkeys([*eos_ids, *op.stop_ids])), pad_id=int(pad_id),
+            gamma=default_gamma if op.gamma is None else float(op.gamma),
+            clip_eps=default_clip if op.clip_eps is None else float(op.clip_eps))
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict, key: str) -> None:
@@ -714,6 +807,10 @@ class Config:
         online, offline = self.teacher.path is not None, self.store.path is not None
         check(not (online and offline), "teacher.path",
               "give either teacher.path (online KD) or store.path (offline KD), not both")
+        on_policy = self.objective.on_policy
+        check(not on_policy.active or online, "objective.on_policy",
+              f"on-policy loss {on_policy.loss!r} scores the sampled completions with an "
+              "online teacher: set teacher.path (and no store.path)")
         check(online or offline or not self.objective.needs_teacher, "objective",
               f"alpha={self.objective.alpha} (< 1) or a hidden/attention term needs a teacher "
               "signal: set store.path (precomputed, `kdjax precompute`) or teacher.path "

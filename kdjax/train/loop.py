@@ -63,6 +63,8 @@ def _open_stores(config: Config, vocab_size: int):
     from kdjax.data import open_token_store
     from kdjax.teacher import open_teacher_store
 
+    if config.objective.on_policy.active:
+        return _open_example_stores(config, vocab_size)
     train = open_token_store(config.data.train)
     evals = open_token_store(config.data.eval) if config.data.eval else None
     store = eval_store = None
@@ -78,6 +80,37 @@ def _open_stores(config: Config, vocab_size: int):
         eval_store.check_compatible(evals, vocab_size=vocab_size)
         check_store_temperature(eval_store, None, "store.eval_path")
     return train, evals, store, eval_store
+
+
+def _open_example_stores(config: Config, vocab_size: int):
+    """On-policy runs read example rows (`kdjax pack --layout examples`): the train store
+    as stored (the step samples completions), the eval store laid out with its dataset
+    completions (held-out CE and KL to the online teacher)."""
+    from kdjax.data.example_rows import LaidOutExamples, TrainingExamples
+    from kdjax.data.examples import open_example_store
+
+    op = config.objective.on_policy
+    stores = []
+    for key, path in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if path is None:
+            stores.append(None)
+            continue
+        try:
+            store = open_example_store(path)
+        except Exception as e:
+            raise ValueError(f"{key}: on-policy training (objective.on_policy.loss="
+                             f"{op.loss}) reads example rows; {e}") from e
+        if store.vocab_size > vocab_size:
+            raise ValueError(f"{key}: {path} was packed with a vocabulary of "
+                             f"{store.vocab_size} ids but the student has {vocab_size}")
+        stores.append(store)
+    train, evals = stores
+    if not train.has_completions and op.fraction < 1.0:
+        raise ValueError(f"data.train: {train.path} has prompts only, so every completion "
+                         f"must be sampled: set objective.on_policy.fraction=1.0 (got "
+                         f"{op.fraction}), or pack prompt/response data")
+    train = TrainingExamples(train, max_new_tokens=op.max_new_tokens)
+    return train, (LaidOutExamples(evals) if evals is not None else None), None, None
 
 
 def check_store_temperature(store, objective, key: str) -> None:
@@ -164,8 +197,11 @@ def setup(config: Config) -> Run:
                                                                 student.config.vocab_size)
     teacher = (build_teacher(config.teacher.path, config.teacher.dtype, mesh,
                              config.teacher.remat) if config.teacher.path else None)
-    objective = config.objective.build(config.teacher_source, config.steps,
-                                       store.manifest if store else None)
+    eos = student.config.eos_token_id
+    objective = config.objective.build(
+        config.teacher_source, config.steps, store.manifest if store else None,
+        eos_ids=tuple(() if eos is None else (eos,) if isinstance(eos, int) else eos),
+        pad_id=_pad_id(student.config, train_tokens))
     tx = config.optimizer.build(config.steps)
     state = create_train_state(student, tx, mesh=mesh, seed=config.seed,
                                projections=objective.projection_shapes(
@@ -242,6 +278,14 @@ def flop_counter(student_config, seq_len: int, teacher) -> FlopCounter:
     if teacher is not None:
         t_config = nnx.merge(*[x for x in teacher if x is not None]).config
     return FlopCounter.from_models(student_config, seq_len, t_config)
+
+
+def _pad_id(student_config, train_tokens) -> int:
+    """The id of padding slots: the example store's pad id, else the student's."""
+    store = getattr(train_tokens, "store", None)
+    if store is not None and getattr(store, "pad_id", None) is not None:
+        return int(store.pad_id)
+    return int(student_config.pad_token_id or 0)
 
 
 def _teacher_width(config: Config, teacher, store) -> int:

@@ -82,19 +82,31 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *,
         return loss.sum, metrics
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    prepare = getattr(objective, "prepare", None)
+
+    def prepared(st: TrainState, mb, teacher_arrays):
+        """The micro-batch the loss reads: as loaded, or (on-policy objectives) with
+        completions sampled from the current params, outside the gradient."""
+        if prepare is None:
+            return mb
+        t = None if t_graphdef is None else (t_graphdef, *teacher_arrays)
+        return prepare(st.params, mb, graphdef=st.graphdef, rest=st.rest, rng=st.rng,
+                       step=st.step, teacher=t)
 
     def step_fn(st: TrainState, batch: Batch, teacher_arrays):
         mbs = _micro_batches(batch, micro_batches, sharding_of)
 
         def body(carry, mb):
             g_acc, m_acc = carry
+            mb = prepared(st, mb, teacher_arrays)
             (_, metrics), g = grad_fn(st.params, st.rest, mb, st.step, teacher_arrays)
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, metrics)), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, st.params)
         zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(st.params, st.rest, jax.tree.map(lambda x: x[0], mbs), st.step,
-                            teacher_arrays)[0][1]))
+            lambda: grad_fn(st.params, st.rest, prepared(
+                st, jax.tree.map(lambda x: x[0], mbs), teacher_arrays), st.step,
+                teacher_arrays)[0][1]))
         (g_sum, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), mbs)
         count = jnp.maximum(metrics["loss"].count, 1.0)
         grads = jax.tree.map(lambda g: g / count, g_sum)

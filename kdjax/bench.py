@@ -26,6 +26,9 @@ AREAS = {
     "train": "distillation and LM training steps, kdjax vs torch (eager and chunked loss)",
     "scale": "pod configs compiled ahead of time for TPU slices; 8 fake CPU devices",
     "scan_compile": "compile time of a deep decoder, scanned layers vs a Python loop",
+    "generate": "generation tokens/s (prefill, decode), kdjax vs transformers generate",
+    "on_policy": "on-policy distillation step (rollout + teacher + update) vs TRL GKD",
+    "ranking": "DPO step tokens/s, kdjax vs TRL DPOTrainer",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from kdjax.distributed import add_distributed_args, initialize_from_args, is_primary
 
@@ -43,9 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (a model "
                    "directory with tokenizer files: the teacher's)")
     p.add_argument("--out", required=True, help="output directory (gets train/ and eval/)")
-    p.add_argument("--layout", choices=("packed", "examples"), default="packed",
+    p.add_argument("--layout", choices=("packed", "examples", "preferences"),
+                   default="packed",
                    help="packed: documents packed into rows of --seq-len tokens (default); "
-                   "examples: one example per row, prompt (+ completion), unpacked")
+                   "examples: one example per row, prompt (+ completion), unpacked; "
+                   "preferences: a preference dataset (`kdjax score`) → one prompt per row "
+                   "with its K scored candidates (what the ranking objective trains on)")
     p.add_argument("--seq-len", type=int, help="tokens per packed row (L; --layout packed)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per row (P; --layout "
                    "examples)")
@@ -102,7 +106,7 @@ def _check_layout_args(args) -> None:
                                 ("--completion-len", args.completion_len)) if v is not None]
     else:
         if args.prompt_len is None:
-            parser_error("--prompt-len is required with --layout examples")
+            parser_error(f"--prompt-len is required with --layout {args.layout}")
         given = [f for f, v in (("--seq-len", args.seq_len),) if v is not None]
         if args.pack_mode != "split":
             given.append("--pack-mode")
@@ -116,6 +120,8 @@ def run(args) -> int:
     _check_layout_args(args)
     initialize_from_args(args)
     source = args.source[0] if len(args.source) == 1 else args.source
+    if args.layout == "preferences":
+        return _pack_preferences(args, source)
     if args.layout == "examples":
         from kdjax.data.examples import build_example_store
 
@@ -142,6 +148,34 @@ def run(args) -> int:
         cache_dir=args.cache_dir)
     if is_primary():  # one summary per job, from the process that wrote the stores
         print("\n".join(summary_lines(out, args.seq_len)))
+    return 0
+
+
+def _pack_preferences(args, source) -> int:
+    """A `kdjax score` preference dataset → a preference store `OUT/train`."""
+    from kdjax.data.preferences import build_preference_store
+    from kdjax.score.dataset import PreferenceDataset
+
+    if not isinstance(source, str):
+        raise ValueError("--layout preferences packs one preference dataset directory (the "
+                         f"--out of `kdjax score`), got {len(args.source)} sources")
+    data = PreferenceDataset(source)
+    tokenizer = _tokenizer(args.tokenizer)
+    data.check_tokenizer(tokenizer, whose=f"--tokenizer {args.tokenizer}")
+    inputs = data.store_inputs()
+    inputs["tokenizer"] = tokenizer
+    width = args.completion_len or max(
+        (len(c) for cands in inputs["candidates"] for c in cands), default=1)
+    out = build_preference_store(
+        os.path.join(args.out, "train"), **inputs, prompt_len=args.prompt_len,
+        completion_len=width, truncate=args.truncate, shard_rows=args.shard_rows,
+        overwrite=args.overwrite)
+    if is_primary():
+        counts = ", ".join(f"{k} {v}" for k, v in out.items()
+                           if k not in ("path", "rows", "fingerprint", "num_examples") and v)
+        print(f"preference store {out['path']}: {out['rows']} prompts of "
+              f"{out['num_examples']} (P={args.prompt_len}, C={width})"
+              + (f"; {counts}" if counts else ""))
     return 0
 
 

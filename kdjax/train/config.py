@@ -45,8 +45,8 @@ from kdjax.schema import ConfigError, check, check_choice
 __all__ = [
     "AttentionTerm", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "HiddenTerm", "LoggingConfig", "MeshConfig", "ModelConfig", "ObjectiveConfig",
-    "OnPolicyConfig", "OptimizerConfig", "Schedule", "StoreConfig", "TeacherConfig",
-    "apply_overrides", "config_from_dict", "load_config",
+    "OnPolicyConfig", "OptimizerConfig", "RankingConfig", "Schedule", "StoreConfig",
+    "TeacherConfig", "apply_overrides", "config_from_dict", "load_config",
 ]
 
 
@@ -424,6 +424,65 @@ class OnPolicyConfig:
         return self.loss is not None
 
 
+RANKING_METHODS = ("dpo", "ipo", "simpo", "rrhf", "pro", "listwise_kl", "distillm2")
+RANKING_REFERENCES = ("stored", "online", "none")
+
+
+@_frozen
+class RankingConfig:
+    """Ranking optimization on preference rows (`kdjax pack --layout preferences` of a
+    `kdjax score` dataset): DPO, IPO, SimPO, RRHF, PRO, listwise KL, or DistiLLM-2's
+    contrastive form. See `kdjax.train.ranking`."""
+
+    method: str | None = None
+    """null (off) | dpo | ipo | simpo | rrhf | pro | listwise_kl | distillm2."""
+    beta: float | None = None
+    """β; null = the method's default (dpo/ipo 0.1, simpo 2.0, distillm2 1.0)."""
+    gamma: float = 0.5
+    """SimPO's target margin γ."""
+    label_smoothing: float = 0.0
+    """DPO's label smoothing ε in [0, 0.5] (conservative DPO)."""
+    temperature: float = 1.0
+    """listwise_kl's temperature over the candidates' scores."""
+    sft_weight: float | None = None
+    """Weight of an SFT term on the best candidate; null = 1 for rrhf, else 0."""
+    reference: str | None = None
+    """stored (ref_logps in the store, `kdjax score reference=DIR`) | online (the frozen
+    reference is teacher.path) | none; null = stored for dpo/ipo, none otherwise."""
+    pairs: str = "best_worst"
+    """Pairwise methods: best_worst (one pair per prompt) or all (every scored pair)."""
+    average: bool | None = None
+    """Length-normalised sequence log-probs; null = the method's paper (simpo, rrhf, pro,
+    listwise_kl average; dpo, ipo sum)."""
+    skew_alpha: float = 0.1
+    """distillm2's skew α."""
+
+    def __post_init__(self):
+        k = "objective.ranking"
+        if self.method is not None:
+            check_choice(self.method, RANKING_METHODS, f"{k}.method")
+        if self.reference is not None:
+            check_choice(self.reference, RANKING_REFERENCES, f"{k}.reference")
+        check_choice(self.pairs, ("best_worst", "all"), f"{k}.pairs")
+        check(self.beta is None or self.beta > 0, f"{k}.beta", f"must be > 0, got {self.beta}")
+        check(0.0 <= self.label_smoothing <= 0.5, f"{k}.label_smoothing",
+              f"must be in [0, 0.5], got {self.label_smoothing}")
+        check(self.temperature > 0, f"{k}.temperature", f"must be > 0, got {self.temperature}")
+        check(self.sft_weight is None or self.sft_weight >= 0, f"{k}.sft_weight",
+              f"must be >= 0, got {self.sft_weight}")
+        check(0.0 <= self.skew_alpha < 1.0, f"{k}.skew_alpha",
+              f"must be in [0, 1), got {self.skew_alpha}")
+
+    @property
+    def active(self) -> bool:
+        return self.method is not None
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Needs teacher.path: the online reference, or distillm2's teacher."""
+        return self.method == "distillm2" or self.reference == "online"
+
+
 @_frozen
 class ObjectiveConfig:
     """loss = (1 − α)·s·D(p_T ‖ q_T) + α·CE + w_h·hidden + w_a·attention,
@@ -453,6 +512,8 @@ class ObjectiveConfig:
     """Tokens per chunk in the fused kernel; None lets the kernel choose."""
     on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
     """On-policy distillation (GKD / rkl_reward / MiniLLM); off unless `loss` is set."""
+    ranking: RankingConfig = dataclasses.field(default_factory=RankingConfig)
+    """Ranking optimization (DPO, PRO, …); off unless `method` is set."""
 
     def __post_init__(self):
         check_choice(self.divergence, list(DIVERGENCES), "objective.divergence")
@@ -482,6 +543,8 @@ class ObjectiveConfig:
     def needs_teacher(self) -> bool:
         """Whether any term needs a teacher signal (store or online model)."""
         ce_only = self.alpha == 1.0 and self.alpha_schedule.kind == "constant"
+        if self.ranking.active:
+            return self.ranking.uses_teacher
         return (not ce_only or self.hidden.weight > 0 or self.attention.weight > 0
                 or self.on_policy.active)
 
@@ -502,6 +565,16 @@ class ObjectiveConfig:
         """
         from kdjax.train.objective import Objective
 
+        if self.ranking.active:
+            from kdjax.train.ranking import RankingObjective
+
+            r = self.ranking
+            return RankingObjective(
+                method=r.method, beta=r.beta, gamma=r.gamma,
+                label_smoothing=r.label_smoothing, temperature=r.temperature,
+                sft_weight=r.sft_weight, reference=r.reference, pairs=r.pairs,
+                average=r.average, skew_alpha=r.skew_alpha, pad_id=int(pad_id),
+                chunk_size=self.chunk_size)
         manifest = {k: store_manifest[k] for k in ("mode", "num_samples", "k", "temperature")
                     if store_manifest and k in store_manifest}
         op = self.on_policy
@@ -807,6 +880,16 @@ class Config:
         online, offline = self.teacher.path is not None, self.store.path is not None
         check(not (online and offline), "teacher.path",
               "give either teacher.path (online KD) or store.path (offline KD), not both")
+        ranking = self.objective.ranking
+        check(not (ranking.active and self.objective.on_policy.active), "objective.ranking",
+              "set either objective.ranking.method or objective.on_policy.loss, not both")
+        check(not ranking.active or not offline, "store.path",
+              f"the ranking objective ({ranking.method}) reads a preference store in "
+              "data.train, not a teacher store; set store.path=null")
+        check(not ranking.active or online or not ranking.uses_teacher, "teacher.path",
+              f"objective.ranking (method={ranking.method}, reference={ranking.reference}) "
+              "needs teacher.path: the frozen reference (reference=online) or distillm2's "
+              "teacher")
         on_policy = self.objective.on_policy
         check(not on_policy.active or online, "objective.on_policy",
               f"on-policy loss {on_policy.loss!r} scores the sampled completions with an "

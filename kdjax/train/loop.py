@@ -65,6 +65,8 @@ def _open_stores(config: Config, vocab_size: int):
 
     if config.objective.on_policy.active:
         return _open_example_stores(config, vocab_size)
+    if config.objective.ranking.active:
+        return _open_preference_store(config, vocab_size)
     train = open_token_store(config.data.train)
     evals = open_token_store(config.data.eval) if config.data.eval else None
     store = eval_store = None
@@ -111,6 +113,38 @@ def _open_example_stores(config: Config, vocab_size: int):
                          f"{op.fraction}), or pack prompt/response data")
     train = TrainingExamples(train, max_new_tokens=op.max_new_tokens)
     return train, (LaidOutExamples(evals) if evals is not None else None), None, None
+
+
+def _open_preference_store(config: Config, vocab_size: int):
+    """Ranking runs read a preference store (`kdjax pack --layout preferences`); held-out
+    CE (and KL to a teacher store) on an ordinary token store in data.eval, if given."""
+    from kdjax.data import open_token_store
+    from kdjax.data.preferences import open_preference_store
+    from kdjax.teacher import open_teacher_store
+
+    r = config.objective.ranking
+    try:
+        train = open_preference_store(config.data.train)
+    except Exception as e:
+        raise ValueError(f"data.train: the ranking objective ({r.method}) reads a preference "
+                         f"store (`kdjax pack DATASET --layout preferences`); {e}") from e
+    if train.vocab_size > vocab_size:
+        raise ValueError(f"data.train: {train.path} holds ids of a {train.vocab_size}-token "
+                         f"vocabulary but the student has {vocab_size}")
+    reference = r.reference or ("stored" if r.method in ("dpo", "ipo") else "none")
+    if reference == "stored" and not train.has_ref_logps:
+        raise ValueError(
+            f"data.train: objective.ranking.reference=stored but {train.path} has no reference "
+            "log-probs; run `kdjax score … reference=STUDENT_START_DIR` and pack again, or set "
+            "objective.ranking.reference=online teacher.path=STUDENT_START_DIR")
+    train.seq_len = train.prompt_len + train.completion_len
+    evals = open_token_store(config.data.eval) if config.data.eval else None
+    eval_store = None
+    if config.store.eval_path:
+        eval_store = open_teacher_store(config.store.eval_path)
+        eval_store.check_compatible(evals, vocab_size=vocab_size)
+        check_store_temperature(eval_store, None, "store.eval_path")
+    return train, evals, None, eval_store
 
 
 def check_store_temperature(store, objective, key: str) -> None:

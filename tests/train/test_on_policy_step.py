@@ -44,7 +44,7 @@ JSD = Objective(divergence="jsd", divergence_kwargs=(("beta", 0.3),), teacher_so
 def _gkd(**kw):
     base = kw.pop("base", JSD)
     return OnPolicyObjective(base=base, loss=kw.pop("loss", "gkd"), max_new_tokens=C,
-                             stop_ids=(EOS,), pad_id=0, **kw)
+                             stop_ids=kw.pop("stop_ids", (EOS,)), pad_id=0, **kw)
 
 
 def _examples(rng, n=B):
@@ -256,3 +256,31 @@ def test_bad_on_policy_settings_are_refused(over, match):
     kw = {"loss": "gkd", **over}
     with pytest.raises(ConfigError, match=match):
         OnPolicyConfig(**kw)
+
+
+def test_several_stop_ids_end_completions_and_only_real_tokens_count(batches):
+    """With stop ids {EOS, 9} a sampled completion ends at its first stop token (kept and
+    trained on); later slots are padding and out of the loss."""
+    obj = _gkd(fraction=1.0, stop_ids=(EOS, 9), temperature=2.0)
+    student = Decoder(STUDENT, rngs=nnx.Rngs(0))
+    graphdef, params, rest = split_model(student)
+    batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    prep = jax.jit(lambda p, b: obj.prepare({"model": p}, b, graphdef=graphdef, rest=rest,
+                                            rng=jnp.zeros(2, jnp.uint32), step=jnp.int32(3),
+                                            teacher=None))(params, batch)
+    tokens, mask = np.asarray(prep["tokens"]), np.asarray(prep["loss_mask"])
+    plen, clen = np.asarray(batch["prompt_len"]), np.asarray(prep["completion_len"])
+    finished = np.asarray(prep["finished"])
+    seen_stop = 0
+    for r in range(B):
+        comp = tokens[r, plen[r]:plen[r] + clen[r]]
+        stops = [j for j, t in enumerate(comp) if t in (EOS, 9)]
+        if finished[r]:
+            assert stops == [clen[r] - 1]  # ends at its first and only stop token
+            seen_stop += 1
+        else:
+            assert not stops and clen[r] == C
+        assert (tokens[r, plen[r] + clen[r]:] == 0).all()
+        np.testing.assert_array_equal(np.flatnonzero(mask[r]),
+                                      np.arange(plen[r] - 1, plen[r] + clen[r] - 1))
+    assert seen_stop >= 1, "no row stopped: the check did not exercise stop ids"

@@ -29,6 +29,8 @@ AREAS = {
     "generate": "generation tokens/s (prefill, decode), kdjax vs transformers generate",
     "on_policy": "on-policy distillation step (rollout + teacher + update) vs TRL GKD",
     "ranking": "DPO step tokens/s, kdjax vs TRL DPOTrainer",
+    "on_policy_quality": "grammar experiment: off-policy KD vs GKD, rkl_reward, MiniLLM",
+    "ranking_quality": "grammar experiment: DPO and PRO on teacher-scored candidates",
 }
 
 

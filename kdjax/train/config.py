@@ -391,6 +391,9 @@ class OnPolicyConfig:
     """Discount γ in [0, 1] of the advantages; null = 0 for rkl_reward, 1 for minillm."""
     clip_eps: float | None = None
     """PPO clip ε of the importance ratio; null = none for rkl_reward, 0.2 for minillm."""
+    updates_per_rollout: int = 1
+    """Optimizer updates per rollout (MiniLLM's PPO-style reuse): each step samples once
+    and updates k times on those samples; schedules count updates (steps × k)."""
 
     def __post_init__(self):
         k = "objective.on_policy"
@@ -415,6 +418,12 @@ class OnPolicyConfig:
               f"must be in [0, 1] or null, got {self.gamma}")
         check(self.clip_eps is None or self.clip_eps > 0, f"{k}.clip_eps",
               f"must be > 0 or null, got {self.clip_eps}")
+        check(isinstance(self.updates_per_rollout, int) and self.updates_per_rollout >= 1,
+              f"{k}.updates_per_rollout", f"must be an int >= 1, got "
+              f"{self.updates_per_rollout!r}")
+        check(self.updates_per_rollout == 1 or self.loss in ("rkl_reward", "minillm"),
+              f"{k}.updates_per_rollout", "reusing a rollout needs importance ratios: "
+              f"loss rkl_reward or minillm (got {self.loss!r})")
         check(self.source != "mixed" or self.loss == "minillm", f"{k}.source",
               "mixed (teacher-mixed) sampling is MiniLLM's: set objective.on_policy.loss="
               f"minillm, or source=student|teacher (got loss={self.loss!r})")
@@ -605,7 +614,8 @@ class ObjectiveConfig:
             temperature=float(op.temperature), top_k=op.top_k, top_p=op.top_p,
             stop_ids=tuple(dict.fromkeys([*eos_ids, *op.stop_ids])), pad_id=int(pad_id),
             gamma=default_gamma if op.gamma is None else float(op.gamma),
-            clip_eps=default_clip if op.clip_eps is None else float(op.clip_eps))
+            clip_eps=default_clip if op.clip_eps is None else float(op.clip_eps),
+            updates_per_rollout=int(op.updates_per_rollout))
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict, key: str) -> None:

@@ -236,7 +236,10 @@ def setup(config: Config) -> Run:
         config.teacher_source, config.steps, store.manifest if store else None,
         eos_ids=tuple(() if eos is None else (eos,) if isinstance(eos, int) else eos),
         pad_id=_pad_id(student.config, train_tokens))
-    tx = config.optimizer.build(config.steps)
+    # with rollout reuse each step makes k optimizer updates: schedules count updates
+    k = config.objective.on_policy.updates_per_rollout if config.objective.on_policy.active \
+        else 1
+    tx = config.optimizer.build(config.steps * k)
     state = create_train_state(student, tx, mesh=mesh, seed=config.seed,
                                projections=objective.projection_shapes(
                                    student.config.hidden_size,
@@ -246,7 +249,8 @@ def setup(config: Config) -> Run:
     train_step = make_train_step(objective, tx, state=state, mesh=mesh,
                                  batch_sharding=loader.sharding,
                                  micro_batches=config.micro_batches,
-                                 lr_schedule=config.optimizer.schedule(config.steps),
+                                 lr_schedule=_per_step(config.optimizer.schedule(
+                                     config.steps * k), k),
                                  teacher=teacher)
     run_eval = make_evaluator(config, mesh, state, eval_tokens, eval_store, teacher)
     return Run(mesh, train_tokens, store, state, loader, train_step, run_eval,
@@ -312,6 +316,11 @@ def flop_counter(student_config, seq_len: int, teacher) -> FlopCounter:
     if teacher is not None:
         t_config = nnx.merge(*[x for x in teacher if x is not None]).config
     return FlopCounter.from_models(student_config, seq_len, t_config)
+
+
+def _per_step(schedule, k: int):
+    """The learning rate a step starts with when it makes k updates."""
+    return schedule if k == 1 else (lambda step: schedule(step * k))
 
 
 def _pad_id(student_config, train_tokens) -> int:

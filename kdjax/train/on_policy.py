@@ -62,6 +62,8 @@ class OnPolicyObjective:
       stop_ids: ids that end a completion (the student's eos included).
       pad_id: id of padding slots.
       gamma: discount of the advantages; clip_eps: PPO clip ε or None.
+      updates_per_rollout: optimizer updates on each rollout (MiniLLM/PPO reuse; the
+        step does them all, see `kdjax.train.step`).
     """
 
     base: Objective
@@ -77,6 +79,7 @@ class OnPolicyObjective:
     pad_id: int = 0
     gamma: float = 0.0
     clip_eps: float | None = None
+    updates_per_rollout: int = 1
 
     @property
     def teacher_source(self) -> str:

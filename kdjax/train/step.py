@@ -10,6 +10,7 @@ counts it, and the loop stops after several in a row.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
@@ -93,8 +94,43 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *,
         return prepare(st.params, mb, graphdef=st.graphdef, rest=st.rest, rng=st.rng,
                        step=st.step, teacher=t)
 
+    reuse = int(getattr(objective, "updates_per_rollout", 1))
+
+    def reused_rollout_step(st: TrainState, mbs, teacher_arrays):
+        """k = `updates_per_rollout` updates on one rollout (PPO-style reuse): every
+        micro-batch is sampled once from the step's starting params, then k guarded
+        updates each take the whole step's gradient on those samples (the importance
+        ratios q_θ/q_old move away from 1, which the PPO clip bounds). The step counter
+        advances once; optax counts k updates (the loop sizes schedules for that)."""
+        pmbs = jax.lax.map(lambda mb: prepared(st, mb, teacher_arrays), mbs)
+
+        def update(s: TrainState, _):
+            def body(carry, mb):
+                g_acc, m_acc = carry
+                (_, metrics), g = grad_fn(s.params, s.rest, mb, st.step, teacher_arrays)
+                return (jax.tree.map(jnp.add, g_acc, g),
+                        jax.tree.map(jnp.add, m_acc, metrics)), None
+
+            first = jax.tree.map(lambda x: x[0], pmbs)
+            zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(s.params, s.rest, first, st.step, teacher_arrays)[0][1]))
+            (g_sum, metrics), _ = jax.lax.scan(
+                body, (jax.tree.map(jnp.zeros_like, s.params), zeros_m), pmbs)
+            count = jnp.maximum(metrics["loss"].count, 1.0)
+            new, out = _guarded_update(s, jax.tree.map(lambda g: g / count, g_sum), metrics,
+                                       tx, lr_schedule)
+            return dataclasses.replace(new, step=st.step), out
+
+        last, outs = jax.lax.scan(update, st, None, length=reuse)
+        metrics = jax.tree.map(lambda x: x[0], outs)  # the first update: on-policy values
+        metrics["skipped"] = jnp.sum(outs["skipped"])
+        metrics["nonfinite"] = outs["nonfinite"][-1]
+        return dataclasses.replace(last, step=st.step + 1), metrics
+
     def step_fn(st: TrainState, batch: Batch, teacher_arrays):
         mbs = _micro_batches(batch, micro_batches, sharding_of)
+        if reuse > 1:
+            return reused_rollout_step(st, mbs, teacher_arrays)
 
         def body(carry, mb):
             g_acc, m_acc = carry

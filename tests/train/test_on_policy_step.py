@@ -251,6 +251,8 @@ def test_gkd_loss_is_jsd_on_sampled_sequences_in_float64(mesh1, batches, beta):
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"source": "mixed", "loss": "gkd"}, "minillm"),
     ({"loss": "ppo"}, "loss"),
+    ({"loss": "minillm", "updates_per_rollout": 0}, "updates_per_rollout"),
+    ({"updates_per_rollout": 2}, "importance ratios"),
 ])
 def test_bad_on_policy_settings_are_refused(over, match):
     kw = {"loss": "gkd", **over}
@@ -284,3 +286,39 @@ def test_several_stop_ids_end_completions_and_only_real_tokens_count(batches):
         np.testing.assert_array_equal(np.flatnonzero(mask[r]),
                                       np.arange(plen[r] - 1, plen[r] + clen[r] - 1))
     assert seen_stop >= 1, "no row stopped: the check did not exercise stop ids"
+
+
+def test_reused_rollout_is_k_updates_on_one_sample(mesh1, batches):
+    """updates_per_rollout=2: one rollout from the starting params, then two AdamW updates
+    on it (the second with importance ratios ≠ 1, clipped), as written out by hand."""
+    import optax
+
+    base = dataclasses.replace(JSD, divergence="reverse_kl", divergence_kwargs=())
+    obj = _gkd(base=base, loss="minillm", fraction=1.0, gamma=1.0, clip_eps=0.2,
+               updates_per_rollout=2)
+    got, metrics, step = _run(mesh1, obj, batches[:1])
+    assert step.jitted._cache_size() == 1 and int(metrics[0]["skipped"]) == 0
+
+    tx = OPT.build(STEPS)
+    state = create_train_state(Decoder(STUDENT, rngs=nnx.Rngs(0)), tx, mesh=mesh1, seed=0)
+    teacher = _teacher(mesh1)
+    batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    prep = jax.jit(lambda p: obj.prepare(p, batch, graphdef=state.graphdef, rest=state.rest,
+                                         rng=state.rng, step=state.step, teacher=teacher)
+                   )(state.params)
+
+    def loss(p):
+        w, _ = obj(p, prep, graphdef=state.graphdef, step=state.step, teacher=teacher,
+                   rest=state.rest)
+        return w.sum / w.count
+
+    params, opt_state, losses = state.params, state.opt_state, []
+    for _ in range(2):
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        losses.append(float(value))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    _same_tree(got, jax.device_get(params), atol=5e-5)
+    np.testing.assert_allclose(float(metrics[0]["loss"].mean()), losses[0], rtol=1e-5,
+                               atol=1e-7)
+    assert losses[1] != losses[0]  # the second update saw moved params (ratios ≠ 1)

@@ -84,6 +84,60 @@ class Grammar:
         topic = int(rng.integers(_TOPICS))
         return " ".join(self.sentence(topic, rng) for _ in range(int(rng.integers(2, 6))))
 
+    def accepts(self, text: str) -> bool:
+        """Whether `sentence` (one sentence) or `document` (2–5 sentences of one topic) can
+        generate `text` exactly, i.e. with positive probability: single spaces, no
+        leading or trailing whitespace, each sentence one template with a word of each
+        slot's list that the topic's tables do not rule out.
+
+        Args:
+          text: the string to recognise (e.g. a decoded prompt + completion).
+        Returns:
+          True when some topic gives every sentence of `text` a positive probability.
+        """
+        words = text.split(" ")
+        if not text or "" in words or words[-1] != ".":
+            return False
+        ends = [i + 1 for i, w in enumerate(words) if w == "."]
+        sentences = [words[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        if not 1 <= len(sentences) <= 5:
+            return False
+        return any(all(self.sentence_probability(s, t) > 0 for s in sentences)
+                   for t in range(_TOPICS))
+
+    def sentence_probability(self, words: list[str], topic: int) -> float:
+        """P(`sentence(topic, ·)` returns `" ".join(words)`), summed over every template
+        and word choice that spell it (multi-word choices like "at noon" can split a
+        string more than one way).
+
+        Args:
+          words: the sentence split on single spaces, its final "." included.
+          topic: the topic index in [0, 4).
+        Returns:
+          The probability (a float in [0, 1]; 0 for a string the grammar cannot make).
+        """
+        total = 0.0
+        for i, template in enumerate(_TEMPLATES):
+            total += self.template_probs[topic][i] * self._match(
+                template.split(" "), words, topic, {})
+        return total
+
+    def _match(self, pieces: list[str], words: list[str], topic: int, chosen: dict) -> float:
+        """P(the template pieces spell exactly `words` | the choices made so far)."""
+        if not pieces:
+            return 1.0 if not words else 0.0
+        piece, rest = pieces[0], pieces[1:]
+        if not piece.startswith("{"):
+            return self._match(rest, words[1:], topic, chosen) if words[:1] == [piece] else 0.0
+        slot, _, cond = piece[1:-1].partition(":")
+        p = self.tables[(topic, slot, cond or None)][chosen[cond] if cond else 0]
+        total = 0.0
+        for j, choice in enumerate(_WORDS[slot]):
+            n = choice.count(" ") + 1
+            if words[:n] == choice.split(" ") and p[j] > 0:
+                total += p[j] * self._match(rest, words[n:], topic, {**chosen, slot: j})
+        return total
+
 
 def write_corpus(path: Path, num_docs: int, rng: np.random.Generator, grammar: Grammar) -> list:
     docs = [grammar.document(rng) for _ in range(num_docs)]

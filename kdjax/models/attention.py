@@ -63,7 +63,7 @@ class Attention(nnx.Module):
         self.sliding_window = cfg.sliding_window
 
     def __call__(self, x, cos, sin, mask, *, segment_ids=None, impl="xla", cache=None,
-                 cache_index=None, return_scores=False):
+                 cache_index=None, return_scores=False, head_major_cache=False):
         """Args:
           x: `[B, L, H]`; cos, sin: `[B, L, head_dim]` f32; mask: `[B, L, L]` bool for
             the "xla" kernel, else unused (may be None); with a cache, see `cache`.
@@ -76,11 +76,16 @@ class Attention(nnx.Module):
             cache is only read: the new tokens' keys/values are returned for the caller to
             write at `cache_index` (one in-place write of all layers, rather than a new
             copy of the cache per layer and step).
+          head_major_cache: the cache is one layer's `[B, kv_heads, S, head_dim]`: the
+            layout the attention matmuls read without a transposed copy of it per step.
+            The new keys/values are then written into it here, and the updated cache is
+            returned in place of `new`.
         Returns:
           `(out [B, L, H], scores [B, heads, L, Lk] f32 | None, new {"k", "v"}: [B, L,
-          kv_heads, head_dim] | None)`. Scores are the masked pre-softmax logits `q·k/√d`
-          (masked keys = float32 min; with a cache, over the cache slots with the new
-          tokens written at `cache_index`).
+          kv_heads, head_dim] | None)` (head-major cache: the updated cache instead of
+          `new`). Scores are the masked pre-softmax logits `q·k/√d` (masked keys = float32
+          min; with a cache, over the cache slots with the new tokens written at
+          `cache_index`).
         """
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.q_norm is not None:
@@ -90,6 +95,9 @@ class Attention(nnx.Module):
         if cache is not None:
             new = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
             cache_mask, self_mask = mask
+            if head_major_cache:  # write, then read the updated cache: in place
+                return self._attend_head_major_cache(q, new, cache, cache_mask, self_mask,
+                                                     cache_index, return_scores)
             if not return_scores:
                 out = attend_cached(q, cache["k"], cache["v"], new["k"], new["v"], cache_mask,
                                     self_mask, self.num_kv_heads, self.dtype)
@@ -114,6 +122,23 @@ class Attention(nnx.Module):
                          self.sliding_window)
             out, scores = constrain(out, ("batch", "length", "heads", "head_dim")), None
         return self.o(out), scores, None
+
+    def _attend_head_major_cache(self, q, new, cache, cache_mask, self_mask, index,
+                                 return_scores):
+        """Attention over a per-layer head-major cache `{"k", "v"}: [B, kv, S, d]`: the
+        new keys/values are written at slot `index` first and the updated cache is read,
+        so the write happens in place (a loop-carried cache that is read and then written
+        in one step gets copied by XLA). Returns `(out, scores | None, updated cache)`."""
+        start = (0, 0, index, 0)
+        layer = {name: jax.lax.dynamic_update_slice(cache[name],
+                                                    new[name].transpose(0, 2, 1, 3), start)
+                 for name in ("k", "v")}
+        mask = jax.lax.dynamic_update_slice(cache_mask, self_mask, (0, 0, index))
+        out, logits = _attend_kv_major(q, layer["k"], layer["v"], mask, self.num_kv_heads,
+                                       self.dtype)
+        b, lq, n, _ = q.shape
+        scores = logits.reshape(b, n, lq, -1) if return_scores else None
+        return self.o(out), scores, layer
 
 
 def causal_query_blocks(length: int, block: int = 128, max_blocks: int = 8) -> int:
@@ -216,3 +241,21 @@ def _attend_head_major(q, k, v, mask, kv: int, dtype):
     probs = jax.nn.softmax(rows(logits), axis=-1).astype(dtype).reshape(b, kv, g * lq, lk)
     out = jnp.einsum("bkqs,bskd->bkqd", probs, v.astype(dtype)).reshape(b, kv, g, lq, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d), logits
+
+
+def _attend_kv_major(q, k, v, mask, kv: int, dtype):
+    """Attention over a head-major cache, k, v `[B, kv, S, d]`: each kv head's queries
+    folded into `[B, kv, g·Lq, d]` rows, so both matmuls are plain batched matmuls over
+    (B, kv head) that read the cache as it lies; the softmax keeps the head axes (a
+    2-D row view would merge the tensor-split head axis). Returns `(out [B, Lq, heads,
+    d], logits [B, kv, g, Lq, S] f32)`."""
+    b, lq, n, d = q.shape
+    s, g = k.shape[2], n // kv
+    qg = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * lq, d)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, lq, s), MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kv, g * lq, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dtype)).reshape(b, kv, g, lq, d)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, d)
+    return constrain(out, ("batch", "length", "heads", "head_dim")), logits

@@ -82,10 +82,18 @@ class Decoder(nnx.Module):
         w = self.embed[...].T if self.unembed is None else self.unembed[...]
         return w.astype(dtype or self.config.dtype)
 
+    def unstacked_blocks(self) -> tuple[Block, ...]:
+        """The `num_layers` blocks as separate `Block`s, each holding its own copy of its
+        layer's parameters, for `__call__(blocks=...)`."""
+        graphdef, state = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda t, i=i: t[i], state))
+                     for i in range(self.config.num_layers))
+
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_logits: bool = True,
                  hidden_layers: Sequence[int] = (), attention_layers: Sequence[int] = (),
-                 cache: dict | None = None) -> DecoderOutput:
+                 cache: dict | None = None,
+                 blocks: Sequence[Block] | None = None) -> DecoderOutput:
         """Forward.
 
         Args:
@@ -99,6 +107,12 @@ class Decoder(nnx.Module):
           attention_layers: block indices in `[0, num_layers)` whose scores to return.
           cache: sampler KV cache (see `kdjax.models.sampler.init_cache`); tokens are
             written at `cache["index"]` and attend over all cache slots.
+          blocks: run these blocks (`unstacked_blocks()`) one after the other instead of
+            scanning the stacked layers; with a cache, `cache["layers"]` is then a tuple
+            of per-layer `{"k", "v"}: [B, kv_heads, S, head_dim]` (see
+            `kdjax.models.rollout.unstack_cache`). A decode loop on CPU makes them once,
+            before the loop: a scanned layer's weights and cache are copied out of their
+            stacks on every step there, and the head-major cache needs no transposed copy.
         """
         cfg = self.config
         tokens = jnp.asarray(tokens)
@@ -133,10 +147,16 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                          cfg.rope_scaling))
         x = constrain(embed_lookup(self.embed[...], tokens, cfg.dtype), _ACT)
-        x, hidden_states, scores, layer_cache = run_blocks(
-            self.layers, cfg, x, cos, sin, mask, segment_ids, impl=impl,
-            hidden_layers=hidden_layers, attention_layers=attention_layers,
-            cache=None if cache is None else cache["layers"], cache_index=index)
+        if blocks is not None:
+            x, hidden_states, scores, layers = run_unstacked(
+                blocks, x, cos, sin, mask, segment_ids, impl=impl,
+                hidden_layers=hidden_layers, attention_layers=attention_layers,
+                cache=None if cache is None else cache["layers"], cache_index=index)
+        else:
+            x, hidden_states, scores, layer_cache = run_blocks(
+                self.layers, cfg, x, cos, sin, mask, segment_ids, impl=impl,
+                hidden_layers=hidden_layers, attention_layers=attention_layers,
+                cache=None if cache is None else cache["layers"], cache_index=index)
         hidden = self.norm(x)
         if cfg.num_layers in hidden_layers:  # transformers' last entry is after the norm
             hidden_states[cfg.num_layers] = hidden
@@ -146,13 +166,38 @@ class Decoder(nnx.Module):
             logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
-            start = (0, 0, index, 0, 0)
-            layers = {name: jax.lax.dynamic_update_slice(cache["layers"][name],
-                                                         layer_cache[name], start)
-                      for name in ("k", "v")}
+            if blocks is None:
+                start = (0, 0, index, 0, 0)
+                layers = {name: jax.lax.dynamic_update_slice(cache["layers"][name],
+                                                             layer_cache[name], start)
+                          for name in ("k", "v")}
             new_cache = {"layers": layers, "segment_ids": k_segments,
                          "index": index + tokens.shape[1]}
         return DecoderOutput(logits, hidden, hidden_states, scores, new_cache)
+
+
+def run_unstacked(blocks: Sequence[Block], x, cos, sin, mask, segment_ids, *, impl: str,
+                  hidden_layers=frozenset(), attention_layers=frozenset(), cache=None,
+                  cache_index=None):
+    """`run_blocks` for separate blocks, in a Python loop (the program grows with depth):
+    the same values. With a cache (a tuple of per-layer head-major `{"k", "v"}`), each
+    layer writes its new keys/values into its own cache, in place. Returns `(x, {i:
+    [B, L, H]}, {i: scores}, updated per-layer caches | None)`."""
+    hidden, scores, caches = {}, {}, []
+    for i, block in enumerate(blocks):
+        if i in hidden_layers:
+            hidden[i] = x
+        layer_cache = None if cache is None else cache[i]
+        # Block.__call__'s two residual steps, with the head-major cache flag
+        a, scores[i], layer_cache = block.attn(
+            block.attn_norm(x), cos, sin, mask, segment_ids=segment_ids, impl=impl,
+            cache=layer_cache, cache_index=cache_index, return_scores=i in attention_layers,
+            head_major_cache=True)
+        x = constrain(x + a, _ACT)
+        x = constrain(x + block.mlp(block.mlp_norm(x)), _ACT)
+        caches.append(layer_cache)
+    scores = {i: s for i, s in scores.items() if s is not None}
+    return x, hidden, scores, None if cache is None else tuple(caches)
 
 
 def init_decoder(config: DecoderConfig, *, seed: int = 0,

@@ -10,7 +10,8 @@ Holtzman et al. 2020), see `kdjax.models.sampling`. Every row draws from its own
 a row's completion does not depend on the batch, bucket, device or host it ran in.
 
 Each decode step writes only the new token's keys/values into the cache, in place (the
-cache is a loop carry and the layers only read it; see `attention.attend_cached`).
+cache is a loop carry and the layers only read it; see `attention.attend_cached`). The
+prefill and the loop are `kdjax.models.rollout.decode`, which in-step rollouts share.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import numpy as np
 from flax import nnx, struct
 
 from .decoder import Decoder
-from .sampling import num_candidates, select_tokens
+from .rollout import Sampling, decode, init_cache, sampling_for
+
+__all__ = ["FINISH_REASONS", "GenerateOutput", "example_keys", "generate", "init_cache",
+           "trace_count"]
 
 FINISH_REASONS = ("length", "eos", "stop")  # finish_reason codes 0, 1, 2
 # (batch, prompt length, max_new_tokens, mode) -> times `_generate` was traced; a test
@@ -65,17 +69,6 @@ class GenerateOutput:
         return (lp.sum(axis=1) / np.maximum(n, 1)).astype(np.float32)
 
 
-def init_cache(config, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: `layers: {"k", "v"}: [num_layers, B, length, kv_heads, head_dim]`
-    (stacked on the layer axis like the blocks' parameters), key `segment_ids [B, length]`
-    (0 = empty) and the next write `index`."""
-    dtype = dtype or config.dtype
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    return {"layers": layers, "segment_ids": jnp.zeros((batch, length), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
-
-
 def example_keys(seed: int, example_ids, sample_index: int | None = None) -> jax.Array:
     """`[B]` PRNG keys `fold_in(key(seed), example_id)` (and then `fold_in(·,
     sample_index)` when given): a key per example that does not depend on its position
@@ -100,51 +93,10 @@ def _generate(graphdef, state, prompts, lengths, keys, temperature, top_k,
     b, p = prompts.shape
     TRACE_COUNTS[(b, p, max_new_tokens, "greedy" if greedy else
                   "filtered" if filtered else "sample")] += 1
-    model = nnx.merge(graphdef, state)
-    shift = p - lengths  # left-align: row r's prompt ends at slot p - 1
-    slots = jnp.arange(p, dtype=jnp.int32)[None, :]
-    src = jnp.clip(slots - shift[:, None], 0, p - 1)
-    real = slots >= shift[:, None]
-    tokens = jnp.where(real, jnp.take_along_axis(prompts, src, axis=1), pad_id)
-    positions = jnp.where(real, slots - shift[:, None], 0)
-    cache = init_cache(model.config, b, p + max_new_tokens)
-    out = model(tokens, segment_ids=real.astype(jnp.int32), positions=positions,
-                cache=cache, return_logits=False)
-    lm_head = model.lm_head()
-
-    def next_logits(hidden_last):
-        return jnp.einsum("bh,hv->bv", hidden_last, lm_head).astype(jnp.float32)
-
-    def cond(carry):
-        return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
-
-    def body(carry):
-        t, cache, logits, generated, logprobs, done, reason, count = carry
-        step_keys = None if greedy else jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-        tok = select_tokens(logits, step_keys, temperature, top_k, top_p, greedy=greedy,
-                            filtered=filtered, candidates=candidates)
-        lp = (jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
-              - jax.nn.logsumexp(logits, axis=-1))
-        tok = jnp.where(done, pad_id, tok)
-        generated = jax.lax.dynamic_update_slice(generated, tok[:, None], (0, t))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(done, 0.0, lp)[:, None],
-                                                (0, t))
-        count = count + (~done).astype(jnp.int32)
-        hit_eos = ~done & jnp.isin(tok, eos)
-        hit_stop = ~done & ~hit_eos & jnp.isin(tok, stop)
-        reason = jnp.where(hit_eos, 1, jnp.where(hit_stop, 2, reason))
-        done = done | hit_eos | hit_stop
-        step = model(tok[:, None], segment_ids=jnp.ones((b, 1), jnp.int32),
-                     positions=(lengths + t)[:, None], cache=cache, return_logits=False)
-        return (t + 1, step.cache, next_logits(step.hidden[:, -1]), generated, logprobs,
-                done, reason, count)
-
-    carry = (jnp.int32(0), out.cache, next_logits(out.hidden[:, -1]),
-             jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-             jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool),
-             jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
-    _, _, _, generated, logprobs, _, reason, count = jax.lax.while_loop(cond, body, carry)
-    return generated, count, logprobs, reason
+    sampling = Sampling(greedy, filtered, candidates, temperature, top_k, top_p)
+    out = decode(nnx.merge(graphdef, state), prompts, lengths, keys, sampling,
+                 max_new_tokens=max_new_tokens, eos=eos, stop=stop, pad_id=pad_id)
+    return out["tokens"], out["count"], out["logprobs"], out["reason"]
 
 
 def _global(x: np.ndarray, sharding) -> jax.Array:
@@ -250,19 +202,11 @@ def generate(model: Decoder, prompts, *, max_new_tokens: int,
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (completions per prompt) must be an int >= 1, got {n!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
-                         f"{temperature}")
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos, stop = _ids(eos_token_id, "eos_token_id"), _ids(stop_token_ids, "stop_token_ids")
     stop = [i for i in stop if i not in eos]
-    greedy = temperature == 0
-    filtered = not greedy and (top_k is not None or (top_p is not None and top_p < 1))
+    sampling = sampling_for(vocab, temperature, top_k, top_p)
     keys = _row_keys(seed, seeds, b, n)
     if n > 1:
         prompts, lengths = np.repeat(prompts, n, axis=0), np.repeat(lengths, n)
@@ -295,11 +239,11 @@ def generate(model: Decoder, prompts, *, max_new_tokens: int,
             state = jax.device_put(state, state_shardings(state, mesh))
         context = jax.set_mesh(mesh)
     call = functools.partial(
-        _generate, graphdef, state, *args, jnp.float32(max(temperature, 1e-6)),
-        jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p),
-        jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop or [-1], jnp.int32),
-        jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens), greedy=greedy,
-        filtered=filtered, candidates=num_candidates(vocab, top_k) if filtered else 0)
+        _generate, graphdef, state, *args, sampling.temperature, sampling.top_k,
+        sampling.top_p, jnp.asarray(eos or [-1], jnp.int32),
+        jnp.asarray(stop or [-1], jnp.int32), jnp.int32(pad_token_id),
+        max_new_tokens=int(max_new_tokens), greedy=sampling.greedy,
+        filtered=sampling.filtered, candidates=sampling.candidates)
     if context is None:
         tokens, count, logprobs, reason = call()
     else:

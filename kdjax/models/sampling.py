@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kdjax.sharding import current_mesh, logical_to_spec
 
 CANDIDATES = 256  # top-k candidates per row for the top-k / top-p filters
 
@@ -26,6 +29,18 @@ CANDIDATES = 256  # top-k candidates per row for the top-k / top-p filters
 def num_candidates(vocab_size: int, top_k: int | None) -> int:
     """Static size of the candidate set for a vocabulary and an optional top-k."""
     return int(min(vocab_size, max(CANDIDATES, top_k or 0)))
+
+
+def check_sampling_args(vocab_size: int, temperature: float, top_k: int | None,
+                        top_p: float | None) -> None:
+    """Raises a ValueError naming the bad sampling argument and its valid range."""
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
+                         f"{temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _candidate_keep(cand, top_k, top_p, full_lse):
@@ -58,13 +73,37 @@ def _full_keep(z, cand_keep, complete, top_p):
     return order, sorted_z, keep
 
 
+def _top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(z, k)` per row; under a mesh each device runs its own rows (XLA's SPMD
+    partitioner would all-gather the whole batch for a top_k)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return tuple(jax.lax.top_k(z, k))
+    spec = logical_to_spec(("batch", None), mesh=mesh, shape=z.shape)
+    return jax.shard_map(lambda x: tuple(jax.lax.top_k(x, k)), mesh=mesh, in_specs=spec,
+                         out_specs=(spec, spec))(z)
+
+
+def argmax_rows(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` `[B]` int32 (the first maximal index) as a max and a
+    min-reduction over float ids: XLA:CPU runs argmax's (value, index) reduce several
+    times slower over a vocabulary-long row (`benchmarks/generate.py`)."""
+    if x.shape[-1] > 2**24:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)  # float ids would not be exact
+    top = x.max(axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.float32)
+    first = jnp.min(jnp.where(x == top, ids, jnp.inf), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1).astype(jnp.int32)  # a NaN row: the last
+
+
 def gumbel_noise(keys: jax.Array, vocab_size: int) -> jax.Array:
     """`[B, V]` f32 standard Gumbel noise, row r from `keys[r]` alone."""
     return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array | None, temperature, top_k, top_p, *,
-                  greedy: bool, filtered: bool, candidates: int) -> jax.Array:
+                  greedy: bool, filtered: bool, candidates: int,
+                  with_logprob: bool = False):
     """The next token per row, `[B]` int32.
 
     Args:
@@ -73,28 +112,45 @@ def select_tokens(logits: jax.Array, keys: jax.Array | None, temperature, top_k,
       temperature, top_k, top_p: traced scalars (top_k 0 / top_p 1 = off).
       greedy: argmax (static). filtered: top-k or top-p is on (static).
       candidates: static candidate-set size (`num_candidates`), ≥ top_k.
+      with_logprob: also return each chosen token's log-probability under the
+        distribution it was drawn from, `log softmax(filter_logits(logits, temperature,
+        top_k, top_p))` (0 when greedy: a point mass).
+    Returns:
+      `tokens [B]` int32, or `(tokens, logprobs [B] f32)` with `with_logprob`.
     """
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = argmax_rows(logits)
+        return (tok, jnp.zeros(tok.shape, jnp.float32)) if with_logprob else tok
     z = logits / temperature
     noise = gumbel_noise(keys, z.shape[-1])
     if not filtered:
-        return jnp.argmax(z + noise, axis=-1).astype(jnp.int32)
-    cand, ids = jax.lax.top_k(z, candidates)
+        tok = argmax_rows(z + noise)
+        if not with_logprob:
+            return tok
+        return tok, _pick(z, tok) - jax.nn.logsumexp(z, axis=-1)
+    cand, ids = _top_k(z, candidates)
     keep, complete = _candidate_keep(cand, top_k, top_p, jax.nn.logsumexp(z, axis=-1))
 
-    def from_candidates():
-        score = jnp.where(keep, cand + jnp.take_along_axis(noise, ids, axis=-1), -jnp.inf)
-        return jnp.take_along_axis(ids, jnp.argmax(score, axis=-1)[:, None], axis=-1)[:, 0]
+    def draw(kept, values, order):
+        """The Gumbel-max draw among the `kept` sorted `values` (vocabulary ids `order`),
+        and its log-probability within the kept set."""
+        score = jnp.where(kept, values + jnp.take_along_axis(noise, order, axis=-1), -jnp.inf)
+        at = jnp.argmax(score, axis=-1)
+        lse = jax.nn.logsumexp(jnp.where(kept, values, -jnp.inf), axis=-1)
+        return _pick(order, at), _pick(values, at) - lse
 
     def from_full_sort():
         order, sorted_z, full = _full_keep(z, keep, complete, top_p)
-        score = jnp.where(full, sorted_z + jnp.take_along_axis(noise, order, axis=-1),
-                          -jnp.inf)
-        return jnp.take_along_axis(order, jnp.argmax(score, axis=-1)[:, None], axis=-1)[:, 0]
+        return draw(full, sorted_z, order)
 
-    tok = jax.lax.cond(jnp.all(complete), from_candidates, from_full_sort)
-    return tok.astype(jnp.int32)
+    tok, lp = jax.lax.cond(jnp.all(complete), lambda: draw(keep, cand, ids), from_full_sort)
+    tok = tok.astype(jnp.int32)
+    return (tok, lp) if with_logprob else tok
+
+
+def _pick(x: jax.Array, index: jax.Array) -> jax.Array:
+    """`x[r, index[r]]` for `x [B, N]`, `index [B]`."""
+    return jnp.take_along_axis(x, index[:, None], axis=-1)[:, 0]
 
 
 def filter_logits(logits, temperature, top_k=None, top_p=None):
@@ -105,7 +161,7 @@ def filter_logits(logits, temperature, top_k=None, top_p=None):
     z = jnp.asarray(logits, jnp.float32) / temperature
     top_k, top_p = jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p)
     c = num_candidates(z.shape[-1], int(top_k))
-    cand, _ = jax.lax.top_k(z, c)
+    cand, _ = _top_k(z, c)
     keep, complete = _candidate_keep(cand, top_k, top_p, jax.nn.logsumexp(z, axis=-1))
     order, _, full = _full_keep(z, keep, complete, top_p)
     rows = jnp.arange(z.shape[0])[:, None]

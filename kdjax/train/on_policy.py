@@ -120,6 +120,19 @@ class OnPolicyObjective:
                                )(keys) < self.fraction
         if teacher is None and self.source != "student":
             raise ValueError(f"on_policy.source={self.source!r} needs the online teacher")
+
+        def widen(x, fill):
+            return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
+
+        if has_data and self.fraction <= 0.0:  # known when tracing: no rollout at all
+            zeros = jnp.zeros((prompt.shape[0], width), jnp.float32)
+            laid = completion_layout(prompt, plen, widen(batch["completion"], self.pad_id),
+                                     batch["completion_len"], self.pad_id)
+            laid.update(prompt_len=plen, completion_len=batch["completion_len"],
+                        sampled=sampled, student_sampled=sampled, logq_old=zeros,
+                        log_weights=zeros, finished=sampled,
+                        rollout_len=jnp.zeros_like(batch["completion_len"]))
+            return laid
         student = (graphdef, params["model"], rest)
         sampler = teacher if self.source == "teacher" else student
         out = rollout(sampler, prompt, plen,
@@ -129,9 +142,6 @@ class OnPolicyObjective:
                       pad_id=self.pad_id,
                       teacher=teacher if self.source == "mixed" else None,
                       mix_alpha=self.mix_alpha if self.source == "mixed" else None)
-
-        def widen(x, fill):
-            return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
 
         tokens, lengths = widen(out.tokens, self.pad_id), out.lengths
         logq_old = widen(out.logprobs.astype(jnp.float32), 0.0)

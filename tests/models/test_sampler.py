@@ -1,5 +1,6 @@
 """The KV-cache sampler: greedy equals transformers' greedy `generate`, EOS handling,
-one compile per shape, and the top-k / top-p filters against a NumPy reference."""
+one compile per shape, the top-k / top-p filters against a NumPy reference, and the
+CPU decode path (separate blocks, head-major caches) against the scanned stack."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +139,41 @@ def test_bad_arguments_are_named(families):
         generate(model, prompts, max_new_tokens=2, temperature=1.0, top_k=VOCAB + 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompts, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3"])
+def test_unstacked_blocks_equal_the_scanned_stack(families, name, rng):
+    """`Decoder(..., blocks=unstacked_blocks())` (the CPU decode path) gives the scanned
+    stack's values: a plain forward (logits, hidden states, scores) and a cached step on
+    per-layer head-major caches (logits, scores, every cache entry)."""
+    import jax
+
+    from kdjax.models.rollout import init_cache, unstack_cache
+
+    model = families(name).model
+    n = model.config.num_layers
+    blocks = model.unstacked_blocks()
+    tokens = jnp.asarray(rng.integers(3, VOCAB, (2, 7)), jnp.int32)
+    kw = dict(hidden_layers=range(n + 1), attention_layers=range(n))
+    want, got = model(tokens, **kw), model(tokens, blocks=blocks, **kw)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for a, b in ((got.hidden_states, want.hidden_states),
+                 (got.attention_scores, want.attention_scores)):
+        assert a.keys() == b.keys()
+        for i in a:
+            np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-5)
+    # prefill 5 tokens, then one cached step of 2 tokens both ways
+    cache = model(tokens[:, :5], cache=init_cache(model.config, 2, 9)).cache
+    step = dict(segment_ids=jnp.ones((2, 2), jnp.int32),
+                positions=jnp.broadcast_to(jnp.arange(5, 7), (2, 2)), attention_layers=(1,))
+    want = model(tokens[:, 5:], cache=cache, **step)
+    got = model(tokens[:, 5:], cache=unstack_cache(cache), blocks=blocks, **step)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.attention_scores[1], want.attention_scores[1], rtol=1e-5,
+                               atol=1e-5)
+    for i in range(n):
+        for kind in ("k", "v"):
+            np.testing.assert_allclose(
+                got.cache["layers"][i][kind],
+                jax.numpy.transpose(want.cache["layers"][kind][i], (0, 2, 1, 3)), atol=1e-6)
+    assert int(got.cache["index"]) == 7

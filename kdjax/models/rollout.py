@@ -230,8 +230,9 @@ def decode(student, prompts, lengths, keys, sampling: Sampling, *, max_new_token
     """
     b, p = prompts.shape
     models = (student,) if teacher is None else (student, teacher)
-    starts = [_prefill(m, *_right_aligned(prompts, lengths, pad_id), p + max_new_tokens)
-              for m in models]
+    unstack = platform.is_cpu() and max_new_tokens > 1  # no decode step: nothing to gain
+    starts = [_prefill(m, *_right_aligned(prompts, lengths, pad_id), p + max_new_tokens,
+                       unstack) for m in models]
     heads, blocks, caches, logits = (tuple(x) for x in zip(*starts))
     names = ["tokens", "logprobs"] + ["sample_logprobs"] * track_sample + [
         "teacher_logprobs"] * (teacher is not None)
@@ -293,12 +294,12 @@ def _right_aligned(prompts, lengths, pad_id):
     return tokens, real.astype(jnp.int32), jnp.where(real, slots - shift[:, None], 0)
 
 
-def _prefill(model, tokens, segments, positions, cache_len: int):
+def _prefill(model, tokens, segments, positions, cache_len: int, unstack: bool):
     """One forward of the prompts into a new cache: `(lm_head, blocks, cache, logits [B,
-    V] f32)`. On CPU the decode steps then run separate per-layer weights (`blocks`) and
-    per-layer head-major caches, made here, once: a scanned step would copy every
-    layer's weights and cache out of their stacks on every step (the decode program then
-    grows with depth; the prefill stays scanned). Elsewhere `blocks` is None."""
+    V] f32)`. With `unstack` (CPU) the decode steps then run separate per-layer weights
+    (`blocks`) and per-layer head-major caches, made here, once: a scanned step would
+    copy every layer's weights and cache out of their stacks on every step (the decode
+    program then grows with depth; the prefill stays scanned). Else `blocks` is None."""
     lm_head = model.lm_head()
     cache = init_cache(model.config, tokens.shape[0], cache_len)
     # an opaque index: with the literal 0, XLA constant-folds the (empty) cache's masked
@@ -307,7 +308,7 @@ def _prefill(model, tokens, segments, positions, cache_len: int):
     out = model(tokens, segment_ids=segments, positions=positions, cache=cache,
                 return_logits=False)
     blocks, cache = None, out.cache
-    if platform.is_cpu():
+    if unstack:
         blocks, cache = model.unstacked_blocks(), unstack_cache(cache)
     return lm_head, blocks, cache, _logits(out.hidden[:, -1], lm_head)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 AREAS = ("losses", "losses_quick", "model", "model_2cores", "layers", "loader", "precompute",
-         "train", "train_2cores", "scale", "scan_compile", "generate", "on_policy",
-         "on_policy_quality", "ranking", "ranking_quality")
+         "train", "train_2cores", "scale", "scan_compile", "generate", "generate_profile",
+         "on_policy", "on_policy_quality", "ranking", "ranking_quality")
 GRID_ROW = re.compile(r"^\| (naive JAX|fused) \| (\d+) \| (\d+) \| (\d+) \| (f32|bf16) \| "
                       r"[^|]* \| ([\d,]+) \|")
 TARGET_RATIO = 0.10  # issue 3: fused temp memory ≤ 10% of naive

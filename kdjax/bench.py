@@ -27,6 +27,7 @@ AREAS = {
     "scale": "pod configs compiled ahead of time for TPU slices; 8 fake CPU devices",
     "scan_compile": "compile time of a deep decoder, scanned layers vs a Python loop",
     "generate": "generation tokens/s (prefill, decode), kdjax vs transformers generate",
+    "generate_profile": "where a generate decode step spends its time on CPU; matmul ceiling",
     "on_policy": "on-policy distillation step (rollout + teacher + update) vs TRL GKD",
     "ranking": "DPO step tokens/s, kdjax vs TRL DPOTrainer",
     "on_policy_quality": "grammar experiment: off-policy KD vs GKD, rkl_reward, MiniLLM",

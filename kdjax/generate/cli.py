@@ -84,7 +84,7 @@ def run_filter_command(args) -> int:
     import dataclasses
 
     from kdjax.generate.config import FilterCommandConfig
-    from kdjax.generate.curate import curate
+    from kdjax.generate.curate import curate_shards
     from kdjax.generate.dataset import COLUMNS, GeneratedDataset, GeneratedWriter
     from kdjax.schema import ConfigError, load
 
@@ -93,15 +93,14 @@ def run_filter_command(args) -> int:
         raise ConfigError(f"kdjax filter takes filter.* settings only, got {bad[0]!r}")
     config = load(FilterCommandConfig, None, args.overrides).filter
     source = GeneratedDataset(args.dataset)
-    records = list(source.records())
-    kept, dropped = curate(records, config)
     extra = [c for c in source.manifest["columns"] if c not in COLUMNS]
     if config.answer_regex and "answer" not in extra:
         extra.append("answer")
-    out = GeneratedWriter(args.out, {**source.plan, "filter": dataclasses.asdict(config)}, 1,
-                          extra_columns=extra, overwrite=True)
-    out.write_shard(0, kept)
-    out.finish({"records": len(kept), "dropped": dropped, "from": len(records)})
+    out = GeneratedWriter(args.out, {**source.plan, "filter": dataclasses.asdict(config)},
+                          source.manifest["num_shards"], extra_columns=extra,
+                          overwrite=True).start_over()
+    read, kept, dropped = curate_shards(source.shards(), config, out.write_shard)
+    out.finish({"records": kept, "dropped": dropped, "from": read})
     drops = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
-    print(f"curated {args.out}: kept {len(kept)} of {len(records)} (dropped: {drops})")
+    print(f"curated {args.out}: kept {kept} of {read} (dropped: {drops})")
     return 0

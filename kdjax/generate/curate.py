@@ -17,14 +17,19 @@ drops (the summary of `kdjax generate` and `kdjax filter` prints the counts):
    are dropped; a tie goes to the answer whose first sample comes first.
 
 Records are plain dicts with the generated-dataset columns (`kdjax.generate.dataset`).
+`curate_shards` runs the filters over a whole dataset one shard at a time: memory holds one
+shard and a 16-byte digest per record kept so far (the exact-duplicate filter is
+dataset-wide; the per-example filters 5 and 6 see an example's samples, which a generated
+dataset keeps in one shard).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kdjax.schema import ConfigError, check
 
@@ -100,8 +105,14 @@ def extract_answer(text: str, pattern: re.Pattern) -> str | None:
     return None if value is None else value.strip()
 
 
-def curate(records: Iterable[dict], config: FilterConfig) -> tuple[list[dict], dict[str, int]]:
-    """`(kept records in their order, {filter name: records it dropped})`."""
+def curate(records: Iterable[dict], config: FilterConfig, *, seen: set | None = None
+           ) -> tuple[list[dict], dict[str, int]]:
+    """`(kept records in their order, {filter name: records it dropped})`.
+
+    seen: digests of the (prompt, completion) pairs kept by earlier calls, for the exact-
+      duplicate filter across calls (updated in place); None: this call's records only.
+    """
+    seen = set() if seen is None else seen
     dropped = dict.fromkeys(FILTERS, 0)
     kept = list(records)
 
@@ -119,10 +130,9 @@ def curate(records: Iterable[dict], config: FilterConfig) -> tuple[list[dict], d
     if config.min_mean_logprob is not None:
         keep_if("mean_logprob", lambda r: r["mean_logprob"] >= config.min_mean_logprob)
     if config.dedup:
-        seen = set()
-
         def first(r):
-            key = (normalize(r["prompt"]), normalize(r["completion"]))
+            key = hashlib.blake2b(f"{normalize(r['prompt'])}\0{normalize(r['completion'])}"
+                                  .encode(), digest_size=16).digest()
             new = key not in seen
             seen.add(key)
             return new
@@ -147,6 +157,31 @@ def curate(records: Iterable[dict], config: FilterConfig) -> tuple[list[dict], d
         for r in kept:
             r["answer"] = r.pop("_answer")
     return kept, dropped
+
+
+def curate_shards(shards: Iterable[Sequence[dict]], config: FilterConfig,
+                  write: Callable[[int, list[dict]], None]) -> tuple[int, int, dict[str, int]]:
+    """Curates a dataset shard by shard, calling `write(shard, kept records)` for each
+    (an empty list for a shard that keeps nothing). Shards must hold whole examples in
+    increasing `example_id` ranges, as a generated dataset's do: an example seen in an
+    earlier shard is refused, since its samples would be compared apart.
+    Returns `(records read, records kept, {filter name: records it dropped})`."""
+    seen: set[bytes] = set()
+    dropped = dict.fromkeys(FILTERS, 0)
+    read = kept_total = 0
+    last = None  # the largest example_id of the earlier shards
+    for shard, records in enumerate(shards):
+        ids = [r["example_id"] for r in records]
+        if ids and last is not None and min(ids) <= last:
+            raise ValueError(f"shard {shard} holds example {min(ids)}, which an earlier shard "
+                             "also holds: curation compares an example's samples within one "
+                             "shard (a generated dataset keeps each example in one shard)")
+        last = max(ids, default=last)
+        kept, counts = curate(records, config, seen=seen)
+        write(shard, kept)
+        read, kept_total = read + len(records), kept_total + len(kept)
+        dropped = {k: dropped[k] + counts[k] for k in FILTERS}
+    return read, kept_total, dropped
 
 
 def majority_answers(records: Sequence[dict], pattern: re.Pattern) -> dict[int, str]:

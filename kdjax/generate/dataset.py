@@ -127,6 +127,16 @@ class GeneratedWriter:
                 "columns": self.columns(), "summary": summary or {},
                 "complete": complete}
 
+    def start_over(self) -> GeneratedWriter:
+        """Forgets every written shard and marks the dataset incomplete (for outputs that
+        are rewritten whole, e.g. a curated copy): a crash while rewriting them leaves a
+        dataset that reads as incomplete, never a mix of two writes."""
+        write_manifest(self.root, self._manifest(complete=False))
+        self.ledger.clear()
+        for p in (self.root / DATA_DIR).glob("*.parquet"):
+            p.unlink()
+        return self
+
     def missing(self) -> list[int]:
         """Shards still to write (all of them on a fresh run)."""
         return self.ledger.missing()
@@ -169,11 +179,13 @@ class GeneratedWriter:
 
 
 class GeneratedDataset:
-    """A complete generated dataset, read back (records in shard order)."""
+    """A complete generated dataset, read back (records in shard order).
+    `require_complete=False` reads one whose shards are all written but whose manifest is
+    not yet marked complete (its writer, summarising it before `finish`)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, require_complete: bool = True):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.manifest = read_manifest(self.root, require_complete=require_complete)
         if self.manifest.get("kind") != KIND:
             raise StoreMismatchError(f"{str(self.root)!r} is a {self.manifest.get('kind')!r} "
                                      "store, not a generated dataset")
@@ -183,11 +195,17 @@ class GeneratedDataset:
     def files(self) -> list[str]:
         return [str(shard_path(self.root, i)) for i in range(self.manifest["num_shards"])]
 
-    def records(self) -> Iterator[dict]:
+    def shards(self, columns: Sequence[str] | None = None) -> Iterator[list[dict]]:
+        """Each shard's records (whole examples, in order), one shard in memory at a time;
+        `columns`: only these."""
         import pyarrow.parquet as pq
 
         for path in self.files:
-            yield from pq.read_table(path).to_pylist()
+            yield pq.read_table(path, columns=columns).to_pylist()
+
+    def records(self) -> Iterator[dict]:
+        for shard in self.shards():
+            yield from shard
 
     def __len__(self) -> int:
         import pyarrow.parquet as pq

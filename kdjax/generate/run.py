@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from kdjax.generate.config import GenerateConfig
-from kdjax.generate.curate import curate
-from kdjax.generate.dataset import FINISH_REASONS, GeneratedWriter
+from kdjax.generate.curate import curate_shards
+from kdjax.generate.dataset import FINISH_REASONS, GeneratedDataset, GeneratedWriter
 from kdjax.generate.sample import Generator, generate_records, load_generator
 
 
@@ -108,27 +108,26 @@ def run_generate(config: GenerateConfig, *, gen: Generator | None = None,
 
 
 def _finish(writer: GeneratedWriter, config: GenerateConfig, extra) -> dict:
-    """Marks the raw dataset complete and writes the curated one to `<out>/curated`."""
-    records = []
-    for shard in range(writer.num_shards):
-        import pyarrow.parquet as pq
-
-        from kdjax.generate.dataset import shard_path
-
-        records.extend(pq.read_table(shard_path(writer.root, shard)).to_pylist())
-    reasons = {r: sum(x["finish_reason"] == r for x in records) for r in FINISH_REASONS}
-    lengths = [len(x["completion_ids"]) for x in records]
-    stats = {"records": len(records), "finish_reasons": reasons,
-             "mean_completion_tokens": float(np.mean(lengths)) if lengths else 0.0}
+    """Marks the raw dataset complete and writes the curated one to `<out>/curated`, shard
+    by shard (one shard in memory at a time)."""
+    dataset = GeneratedDataset(writer.root, require_complete=False)
+    reasons, records, tokens = dict.fromkeys(FINISH_REASONS, 0), 0, 0
+    for shard in dataset.shards(columns=["finish_reason", "completion_ids"]):
+        for r in shard:
+            reasons[r["finish_reason"]] += 1
+            tokens += len(r["completion_ids"])
+        records += len(shard)
+    stats = {"records": records, "finish_reasons": reasons,
+             "mean_completion_tokens": tokens / records if records else 0.0}
     writer.finish(stats)
-    kept, dropped = curate(records, config.filter)
     cols = list(extra) + (["answer"] if config.filter.answer_regex else [])
     curated = GeneratedWriter(Path(config.out) / "curated",
-                              {**writer.plan, "filter": dataclasses.asdict(config.filter)}, 1,
-                              extra_columns=cols, overwrite=True)
-    curated.write_shard(0, kept)
-    curated.finish({"records": len(kept), "dropped": dropped, "from": len(records)})
-    return {**stats, "kept": len(kept), "dropped": dropped,
+                              {**writer.plan, "filter": dataclasses.asdict(config.filter)},
+                              writer.num_shards, extra_columns=cols,
+                              overwrite=True).start_over()
+    read, kept, dropped = curate_shards(dataset.shards(), config.filter, curated.write_shard)
+    curated.finish({"records": kept, "dropped": dropped, "from": read})
+    return {**stats, "kept": kept, "dropped": dropped,
             "curated": str(Path(config.out) / "curated")}
 
 

@@ -8,6 +8,7 @@ import pytest
 from kdjax.generate.curate import (
     FilterConfig,
     curate,
+    curate_shards,
     extract_answer,
     jaccard,
     majority_answers,
@@ -109,3 +110,47 @@ def test_extract_answer_without_groups_and_majority_helper():
 def test_bad_filter_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FilterConfig(**kwargs)
+
+
+SHARD_FILTERS = dict(dedup=True, near_duplicate=0.6, ngram=2, finished_only=True,
+                     min_tokens=1, answer_regex=r"answer is (\d)")
+
+
+def _records():
+    """Three shards of whole examples (two samples each or more): duplicates across
+    shards, near-duplicates and disagreeing answers within examples, unfinished ones."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    out = []
+    for ex in range(9):
+        for j in range(3):
+            body = " ".join(words[(ex + j + k) % 10] for k in range(5))
+            answer = (ex + (j == 2)) % 10  # the third sample disagrees
+            out.append(rec(ex, j, f"{body} so the answer is {answer}", prompt=f"q{ex % 4}",
+                           finish="length" if (ex + j) % 7 == 0 else "eos"))
+    out[12]["completion"], out[12]["prompt"] = out[1]["completion"], out[1]["prompt"]  # dup
+    out[13]["completion"] = out[12]["completion"].replace("beta", "omega")
+    out[14]["completion"] = out[13]["completion"].replace("zeta", "kappa")  # a near copy
+    return [out[:9], out[9:18], out[18:]]
+
+
+def test_curate_shards_equals_curating_the_whole_dataset():
+    shards = _records()
+    config = FilterConfig(**SHARD_FILTERS)
+    want, want_dropped = curate([dict(r) for s in shards for r in s], config)
+    written = {}
+    read, kept, dropped = curate_shards(([dict(r) for r in s] for s in shards), config,
+                                        lambda i, rs: written.setdefault(i, rs))
+    assert sorted(written) == [0, 1, 2]  # every shard is written, in order
+    got = [r for i in sorted(written) for r in written[i]]
+    assert got == want and (read, kept, dropped) == (27, len(want), want_dropped)
+    # the cross-shard exact duplicate (shard 1 repeats a record of shard 0) is dropped
+    assert dropped["exact_duplicate"] >= 1 and all(dropped[k] for k in (
+        "finished", "near_duplicate", "self_consistency"))
+    assert all(r["answer"] is not None for r in got)
+
+
+def test_curate_shards_refuses_an_example_split_over_shards():
+    shards = _records()
+    shards[1] = shards[1] + [rec(0, 7, "late sample so the answer is 0")]  # example 0 again
+    with pytest.raises(ValueError, match="shard 1 holds example 0, which an earlier shard"):
+        curate_shards(shards, FilterConfig(**SHARD_FILTERS), lambda i, rs: None)

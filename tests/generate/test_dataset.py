@@ -80,3 +80,20 @@ def test_foreign_directory_and_bad_records_are_refused(tmp_path):
     assert w.missing() == [0] and not shard_path(tmp_path / "y", 0).exists()
     with pytest.raises(RuntimeError, match="not written yet"):
         w.finish({})
+
+
+def test_start_over_leaves_an_incomplete_dataset_until_every_shard_is_rewritten(tmp_path):
+    # a curated copy is rewritten whole: a crash part-way must not read as the old copy
+    full, data = _write(tmp_path / "c", [0, 1, 2])
+    full.finish({"records": 18})
+    assert len(GeneratedDataset(tmp_path / "c")) == 18
+    again = GeneratedWriter(tmp_path / "c", PLAN, 3, overwrite=True).start_over()
+    assert again.missing() == [0, 1, 2] and not shard_path(tmp_path / "c", 0).exists()
+    again.write_shard(0, data[0][:2])  # "killed" after one rewritten shard
+    with pytest.raises(StoreIncompleteError):
+        GeneratedDataset(tmp_path / "c")
+    again.write_shard(1, [])
+    again.write_shard(2, data[2])
+    again.finish({"records": 8})
+    got = list(GeneratedDataset(tmp_path / "c").records())
+    assert [r["example_id"] for r in got] == [r["example_id"] for r in data[0][:2] + data[2]]

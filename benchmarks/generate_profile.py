@@ -6,9 +6,10 @@ reach: the evidence behind issue 15's generation targets (`generate.md`).
     kernel that ran once per decode step is put in a group by the op it computes, read
     from the compiled HLO (`--xla_dump_to`): the layer weight matmuls (q, k, v, o, gate,
     up, down), the LM head, attention over the KV cache, and the rest (norms, RoPE,
-    softmax, cache writes, token choice). Times are per decode step; the profiler inflates
-    them, so each group is also given as a share of the traced step, and the untraced
-    step time is measured next to it, (T(N) − T(1)) / (N − 1) as in `generate.py`;
+    softmax, cache writes, token choice), given as its share of the traced decode step
+    (the profiler slows the step, small kernels more, so shares are approximate); the
+    untraced step time is measured next to it, (T(N) − T(1)) / (N − 1) as in
+    `generate.py`;
   * the ceiling of those matmuls: a jitted chain of the model's per-layer MLP shapes
     (`[B, H]·[H, I]`, `[B, I]·[I, H]`, a different weight matrix for each of the
     `num_layers` layers, so the weights stream from memory as in decode), and the same
@@ -154,28 +155,18 @@ def run(args, argv) -> int:
             groups = traced_groups(trace, steps, kernel_ops(dump))
         traced = sum(groups.values())
         flops, _ = decode_costs(cfg, b, p + new)
-        weights = 2 * b * cfg.num_layers * (
-            cfg.hidden_size * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads) * 2
-            + 3 * cfg.hidden_size * cfg.intermediate_size)
-        head = 2 * b * cfg.hidden_size * cfg.vocab_size
         distinct, reused = matmul_chain(cfg, b, peak)
-        share = {g: groups[g] / traced for g in GROUPS}
-        # the untraced step split by the traced shares: each group's FLOP/s vs the peak
-        rate = {"layer weight matmuls": weights / (share["layer weight matmuls"] * step),
-                "LM head": head / (share["LM head"] * step)}
         rows.append(
             f"| {b} | {step * 1e3:.1f} | {b / step:,.1f} | {flops / step / peak:.0%} | "
             f"{traced * 1e3:.1f} | "
-            + " | ".join(f"{share[g]:.0%}" for g in GROUPS)
-            + f" | {rate['layer weight matmuls'] / peak:.0%} | {rate['LM head'] / peak:.0%} | "
-            f"{distinct:.0%} | {reused:.0%} |")
+            + " | ".join(f"{groups[g] / traced:.0%}" for g in GROUPS)
+            + f" | {distinct:.0%} | {reused:.0%} |")
         print(rows[-1], flush=True)
     header = [
         "| batch | decode step ms | decode tok/s | decode FLOP/s / peak | traced step ms | "
         + " | ".join(f"{g} (share)" for g in GROUPS)
-        + " | layer matmuls FLOP/s / peak | LM head / peak | MLP chain, distinct weights / "
-        "peak | MLP chain, one weight pair / peak |",
-        "|---:|" + "---:|" * (8 + len(GROUPS))]
+        + " | MLP chain, distinct weights / peak | MLP chain, one weight pair / peak |",
+        "|---:|" + "---:|" * (6 + len(GROUPS))]
     text = "\n".join([
         "## Generation: where a decode step goes" + (" (quick)" if args.quick else ""), "",
         f"Command: `{bc.command('generate_profile.py', argv)}`", "",
@@ -184,7 +175,7 @@ def run(args, argv) -> int:
         f"(T({new}) − T(1)) / {steps}, median of 3. Matmul peak {peak / 1e9:.1f} GFLOP/s "
         "(f32 4096² dot, this run). Shares: each kernel group's part of the decode step "
         "traced by `jax.profiler` (kernels that ran once per step; the trace runs slower "
-        "than the untraced step); a group's FLOP/s applies its share to the untraced step. "
+        "than the untraced step, small kernels more, so shares are approximate). "
         "MLP chain: the model's per-layer `[B, H]·[H, I]` and `[B, I]·[I, H]` matmuls "
         f"through its {cfg.num_layers} layers in one jitted function, each layer's own "
         "weights (streamed from memory, as in decode) or one pair reused (cache-resident).",

@@ -119,7 +119,7 @@ SHARD_FILTERS = dict(dedup=True, near_duplicate=0.6, ngram=2, finished_only=True
 def _records():
     """Three shards of whole examples (two samples each or more): duplicates across
     shards, near-duplicates and disagreeing answers within examples, unfinished ones."""
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     out = []
     for ex in range(9):
         for j in range(3):

@@ -81,11 +81,10 @@ def run_generate_command(args) -> int:
 
 
 def run_filter_command(args) -> int:
-    import dataclasses
 
     from kdjax.generate.config import FilterCommandConfig
-    from kdjax.generate.curate import curate_shards
-    from kdjax.generate.dataset import COLUMNS, GeneratedDataset, GeneratedWriter
+    from kdjax.generate.curate import write_curated
+    from kdjax.generate.dataset import COLUMNS, GeneratedDataset
     from kdjax.schema import ConfigError, load
 
     bad = [o for o in args.overrides if not o.startswith("filter.")]
@@ -94,13 +93,7 @@ def run_filter_command(args) -> int:
     config = load(FilterCommandConfig, None, args.overrides).filter
     source = GeneratedDataset(args.dataset)
     extra = [c for c in source.manifest["columns"] if c not in COLUMNS]
-    if config.answer_regex and "answer" not in extra:
-        extra.append("answer")
-    out = GeneratedWriter(args.out, {**source.plan, "filter": dataclasses.asdict(config)},
-                          source.manifest["num_shards"], extra_columns=extra,
-                          overwrite=True).start_over()
-    read, kept, dropped = curate_shards(source.shards(), config, out.write_shard)
-    out.finish({"records": kept, "dropped": dropped, "from": read})
+    read, kept, dropped = write_curated(source, args.out, config, extra)
     drops = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
     print(f"curated {args.out}: kept {kept} of {read} (dropped: {drops})")
     return 0

@@ -18,9 +18,10 @@ drops (the summary of `kdjax generate` and `kdjax filter` prints the counts):
 
 Records are plain dicts with the generated-dataset columns (`kdjax.generate.dataset`).
 `curate_shards` runs the filters over a whole dataset one shard at a time: memory holds one
-shard and a 16-byte digest per record kept so far (the exact-duplicate filter is
-dataset-wide; the per-example filters 5 and 6 see an example's samples, which a generated
-dataset keeps in one shard).
+shard and a 16-byte digest per distinct (prompt, completion) that reached filter 4 (the
+exact-duplicate filter is dataset-wide; the per-example filters 5 and 6 see an example's
+samples, which a generated dataset keeps in one shard). `write_curated` writes the
+curated copy of a generated dataset that way.
 """
 
 from __future__ import annotations
@@ -182,6 +183,23 @@ def curate_shards(shards: Iterable[Sequence[dict]], config: FilterConfig,
         read, kept_total = read + len(records), kept_total + len(kept)
         dropped = {k: dropped[k] + counts[k] for k in FILTERS}
     return read, kept_total, dropped
+
+
+def write_curated(source, out, config: FilterConfig, extra_columns: Sequence[str]
+                  ) -> tuple[int, int, dict[str, int]]:
+    """Curates the generated dataset `source` (a `GeneratedDataset`) into `out`, shard by
+    shard, with the source's shard count; the copy is rewritten whole and reads as
+    incomplete until its last shard is in. Returns what `curate_shards` returns."""
+    from kdjax.generate.dataset import GeneratedWriter
+
+    columns = [*extra_columns, *(["answer"] if config.answer_regex and
+                                 "answer" not in extra_columns else [])]
+    writer = GeneratedWriter(out, {**source.plan, "filter": dataclasses.asdict(config)},
+                             source.manifest["num_shards"], extra_columns=columns,
+                             overwrite=True).start_over()
+    read, kept, dropped = curate_shards(source.shards(), config, writer.write_shard)
+    writer.finish({"records": kept, "dropped": dropped, "from": read})
+    return read, kept, dropped
 
 
 def majority_answers(records: Sequence[dict], pattern: re.Pattern) -> dict[int, str]:

@@ -96,9 +96,7 @@ class GeneratedWriter:
                     f"{str(self.root)!r} holds a {self.NOUN} made with other settings "
                     f"(differing: {', '.join(changed) or 'format'}); pass --overwrite to "
                     "replace it, or write to another --out")
-            self.ledger.clear()
-            for p in (self.root / DATA_DIR).glob("*.parquet"):
-                p.unlink()
+            self._forget_shards()
         (self.root / DATA_DIR).mkdir(parents=True, exist_ok=True)
         if old is None or old.get("plan_fingerprint") != self.plan_fingerprint:
             write_manifest(self.root, self._manifest(complete=False))
@@ -132,10 +130,13 @@ class GeneratedWriter:
         are rewritten whole, e.g. a curated copy): a crash while rewriting them leaves a
         dataset that reads as incomplete, never a mix of two writes."""
         write_manifest(self.root, self._manifest(complete=False))
+        self._forget_shards()
+        return self
+
+    def _forget_shards(self) -> None:
         self.ledger.clear()
         for p in (self.root / DATA_DIR).glob("*.parquet"):
             p.unlink()
-        return self
 
     def missing(self) -> list[int]:
         """Shards still to write (all of them on a fresh run)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdjax.generate.config import GenerateConfig
-from kdjax.generate.curate import curate_shards
+from kdjax.generate.curate import write_curated
 from kdjax.generate.dataset import FINISH_REASONS, GeneratedDataset, GeneratedWriter
 from kdjax.generate.sample import Generator, generate_records, load_generator
 
@@ -120,13 +120,8 @@ def _finish(writer: GeneratedWriter, config: GenerateConfig, extra) -> dict:
     stats = {"records": records, "finish_reasons": reasons,
              "mean_completion_tokens": tokens / records if records else 0.0}
     writer.finish(stats)
-    cols = list(extra) + (["answer"] if config.filter.answer_regex else [])
-    curated = GeneratedWriter(Path(config.out) / "curated",
-                              {**writer.plan, "filter": dataclasses.asdict(config.filter)},
-                              writer.num_shards, extra_columns=cols,
-                              overwrite=True).start_over()
-    read, kept, dropped = curate_shards(dataset.shards(), config.filter, curated.write_shard)
-    curated.finish({"records": kept, "dropped": dropped, "from": read})
+    _, kept, dropped = write_curated(dataset, Path(config.out) / "curated", config.filter,
+                                     extra)
     return {**stats, "kept": kept, "dropped": dropped,
             "curated": str(Path(config.out) / "curated")}
 

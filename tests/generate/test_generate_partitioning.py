@@ -1,6 +1,7 @@
 """`kdjax.models.generate` on a mesh divides its work (docs/architecture.md,
 "Partitioning"), read from the compiled per-device program on 8 fake CPU devices: the
-decode loop runs 1/D of the rows on each device (dot FLOPs = global/D within 15%), and no
+decode loop runs 1/D of the rows on each device (dot FLOPs = global/D within 15%), the
+temporaries that grow with the rows (KV cache, logits) are 1/D per device, and no
 collective gathers the row axis or moves a `[rows, V]` array. Values across device counts
 are checked in test_generate.py; this checks the work."""
 
@@ -26,11 +27,11 @@ class _Lowered(Exception):
 
 
 @functools.cache
-def compiled(layout: str, temperature: float):
+def compiled(layout: str, temperature: float, rows: int = ROWS):
     mesh = (shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]) if layout == "one"
             else shd.make_mesh(data=8))
     model = Decoder(CFG, rngs=nnx.Rngs(0))
-    prompts = np.random.default_rng(0).integers(1, V, (ROWS, P)).astype(np.int32)
+    prompts = np.random.default_rng(0).integers(1, V, (rows, P)).astype(np.int32)
     seen = {}
     original = sampler._generate
 
@@ -61,3 +62,14 @@ def test_generate_divides_its_rows(temperature):
     logits = [c for c in colls if V in c.shape]
     assert not logits, [f"{c.kind} {list(c.shape)}" for c in logits]
 
+
+
+def test_generate_row_temporaries_are_split():
+    # the CPU decode keeps a per-layer copy of the (replicated) weights in temporaries, a
+    # constant; what grows with the rows is the cache and the logits: compare the growth
+    def growth(layout):
+        return (compiled(layout, 0.0, 2 * ROWS).memory_analysis().temp_size_in_bytes
+                - compiled(layout, 0.0).memory_analysis().temp_size_in_bytes)
+
+    ratio = growth("data8") / growth("one")
+    assert abs(ratio * 8 - 1) <= 0.15, f"per-device row temporaries are {ratio:.4f} of global"
